@@ -1,0 +1,147 @@
+"""Our model against transformers on tiny random checkpoints of every supported shape, and its own
+equivalences: cache vs full forward, chunked vs one-shot prefill, batch rows vs single rows."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from llamacli.kv_cache import KVCache
+from llamacli.weights import load_model
+
+pytestmark = pytest.mark.parity
+
+FIXTURES = {
+    "gqa": {},
+    "mha": dict(num_key_value_heads=4),
+    "mqa": dict(num_key_value_heads=1),
+    "tied": dict(tie_word_embeddings=True),
+    "untied-mha": dict(tie_word_embeddings=False, num_key_value_heads=4),
+    "bias": dict(attention_bias=True, mlp_bias=True),
+    "head-dim": dict(head_dim=32),
+    "theta": dict(rope_theta=500000.0),
+    "linear": dict(rope_scaling={"rope_type": "linear", "factor": 2.0}),
+    "linear-legacy": dict(rope_scaling={"rope_type": "linear", "factor": 2.0}, layout="legacy"),
+    "dynamic": dict(rope_scaling={"rope_type": "dynamic", "factor": 2.0}, max_position_embeddings=16),
+    "llama3": dict(rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                 "high_freq_factor": 4.0, "original_max_position_embeddings": 16}),
+    "llama3-legacy": dict(rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                        "high_freq_factor": 4.0, "original_max_position_embeddings": 16},
+                          layout="legacy"),
+    "yarn": dict(rope_scaling={"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16}),
+    "yarn-legacy": dict(rope_scaling={"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16,
+                                      "beta_fast": 16, "beta_slow": 2}, layout="legacy"),
+    "sharded": dict(shard=True),
+    "bf16": dict(store_dtype="bfloat16"),
+    "fp16": dict(store_dtype="float16"),
+}
+PROMPT = [1, 17, 43, 99, 5, 64, 23, 77, 12, 8, 101, 33, 56, 90, 7, 3, 120, 45, 66, 14, 2, 9, 88, 31]
+
+
+def hf_model(path):
+    import transformers
+
+    return transformers.LlamaForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+
+
+def greedy(model, ids: list[int], n: int, eos: set[int]) -> list[int]:
+    """Prefill then one-token steps through a cache, argmax each time."""
+    cache = KVCache(model.config, 1, len(ids) + n)
+    logits = model(torch.tensor([ids]), 0, cache, last_only=True)
+    out, pos = [], len(ids)
+    for _ in range(n):
+        token = int(logits[0, -1].argmax())
+        out.append(token)
+        if token in eos:
+            break
+        logits = model(torch.tensor([[token]]), pos, cache)
+        pos += 1
+    return out
+
+
+MAX_DIFF: dict[str, float] = {}
+
+
+@pytest.fixture(scope="module", params=sorted(FIXTURES), ids=sorted(FIXTURES))
+def pair(request, tmp_path_factory):
+    from tests.conftest import write_tiny_checkpoint
+
+    path = write_tiny_checkpoint(tmp_path_factory.mktemp(request.param) / "ckpt", **FIXTURES[request.param])
+    return request.param, load_model(path, dtype="float32", device="cpu"), hf_model(path)
+
+
+@torch.no_grad()
+def test_logits_match_transformers(pair):
+    name, ours, ref = pair
+    ids = torch.tensor([PROMPT])
+    expected = ref(ids).logits
+    got = ours(ids)
+    diff = (got - expected).abs().max().item()
+    MAX_DIFF[name] = diff
+    print(f"\n{name}: max |logit diff| vs transformers = {diff:.2e}")
+    assert got.shape == expected.shape
+    assert diff < 1e-4
+
+
+@torch.no_grad()
+def test_prefill_then_steps_equal_full_forward(pair):
+    name, ours, _ = pair
+    ids = PROMPT[:14] if name == "dynamic" else PROMPT  # dynamic NTK changes frequencies past its context
+    full = ours(torch.tensor([ids]))
+    cache = KVCache(ours.config, 1, len(ids))
+    split = 6
+    pieces = [ours(torch.tensor([ids[:split]]), 0, cache)]
+    for pos in range(split, len(ids)):
+        pieces.append(ours(torch.tensor([[ids[pos]]]), pos, cache))
+    stepped = torch.cat(pieces, dim=1)
+    torch.testing.assert_close(stepped, full, atol=1e-5, rtol=1e-5)
+
+
+@torch.no_grad()
+def test_chunked_prefill_equals_one_shot(pair):
+    name, ours, _ = pair
+    ids = PROMPT[:14] if name == "dynamic" else PROMPT
+    cache = KVCache(ours.config, 1, len(ids))
+    one_shot = ours(torch.tensor([ids]), 0, cache)
+    cache2 = KVCache(ours.config, 1, len(ids))
+    chunks = [ours(torch.tensor([ids[i:i + 5]]), i, cache2) for i in range(0, len(ids), 5)]
+    torch.testing.assert_close(torch.cat(chunks, dim=1), one_shot, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(torch.stack(cache2.keys), torch.stack(cache.keys), atol=1e-5, rtol=1e-5)
+
+
+@torch.no_grad()
+def test_greedy_equals_transformers_generate(pair):
+    name, ours, ref = pair
+    prompt = PROMPT[:12]
+    n = 12
+    expected = ref.generate(
+        torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+        max_new_tokens=n, do_sample=False, pad_token_id=0, eos_token_id=2,
+    )[0, len(prompt):].tolist()
+    assert greedy(ours, prompt, n, {2}) == expected
+
+
+@torch.no_grad()
+def test_per_row_positions_equal_single_rows(tiny_dir):
+    """Rows at different positions in one batch give each row's own single-row logits."""
+    model = load_model(tiny_dir, dtype="float32", device="cpu")
+    a, b = PROMPT[:9], PROMPT[5:20]
+    cache = KVCache(model.config, 2, 32)
+    model(torch.tensor([a]), 0, cache.rows(0, 1))
+    model(torch.tensor([b]), 0, cache.rows(1, 2))
+    step = model(torch.tensor([[11], [12]]), torch.tensor([len(a), len(b)]), cache)
+    for row, (ids, tok) in enumerate(((a, 11), (b, 12))):
+        single = model(torch.tensor([ids + [tok]]))[:, -1]
+        torch.testing.assert_close(step[row:row + 1, -1], single, atol=1e-5, rtol=1e-5)
+
+
+@torch.no_grad()
+def test_multi_token_step_with_per_row_positions(tiny_dir):
+    model = load_model(tiny_dir, dtype="float32", device="cpu")
+    a, b = PROMPT[:7], PROMPT[3:13]
+    cache = KVCache(model.config, 2, 32)
+    model(torch.tensor([a]), 0, cache.rows(0, 1))
+    model(torch.tensor([b]), 0, cache.rows(1, 2))
+    out = model(torch.tensor([[4, 5, 6], [7, 8, 9]]), torch.tensor([len(a), len(b)]), cache)
+    torch.testing.assert_close(out[0], model(torch.tensor([a + [4, 5, 6]]))[0, -3:], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out[1], model(torch.tensor([b + [7, 8, 9]]))[0, -3:], atol=1e-5, rtol=1e-5)
