@@ -1,0 +1,640 @@
+"""GGUF import: turn a llama.cpp GGUF file into a Hugging Face Llama checkpoint folder.
+
+The folder holds what the rest of llamacli reads: `config.json`, `generation_config.json`,
+`model.safetensors` (sharded past a size limit), the tokenizer (`tokenizer.json` for byte-level BPE
+vocabularies, `tokenizer.model` for SentencePiece ones) and `tokenizer_config.json`.
+
+Three things llama.cpp changes on the way in are undone here:
+- tensor names (`blk.N.attn_q.weight` -> `model.layers.N.self_attn.q_proj.weight`);
+- quantization (every tensor is dequantized with `gguf.quants`, then cast to the chosen dtype);
+- the q/k row order: llama.cpp interleaves each head's rotary halves for its own RoPE, and k is
+  permuted with the KV-head count, so it is undone with that count too (llama.cpp #2376).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from llamacli.errors import ConfigError, InputError, TokenizerError, UsageError, WeightsError
+
+# Bump when the output of a conversion changes, so cached conversions are redone.
+CONVERTER_VERSION = 1
+
+DTYPES = ("bfloat16", "float16", "float32")
+
+# Shards of at most this many bytes keep memory bounded on large models.
+SHARD_BYTES = 4 << 30
+
+ProgressFn = Callable[[int, int, str], None]
+
+# GGUF token types (llama.cpp's llama_token_type), which are also SentencePiece's piece types.
+_NORMAL, _UNKNOWN, _CONTROL, _USER_DEFINED, _UNUSED, _BYTE = 1, 2, 3, 4, 5, 6
+
+_LAYER_NAMES = {
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+    "attn_norm": "input_layernorm",
+    "ffn_norm": "post_attention_layernorm",
+}
+_GLOBAL_NAMES = {
+    "token_embd.weight": "model.embed_tokens.weight",
+    "output_norm.weight": "model.norm.weight",
+    "output.weight": "lm_head.weight",
+}
+
+# Pre-tokenizer splits, by `tokenizer.ggml.pre`, as llama.cpp's llama-vocab.cpp applies them.
+_GPT2_SPLIT = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
+_LLAMA3_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+_QWEN2_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
+    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+_TEKKEN_SPLIT = (
+    r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+"
+    r"|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*"
+    r"|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+_GPT4O_SPLIT = (
+    r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+(?i:'s|'t|'re|'ve|'m|'ll|'d)?"
+    r"|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*(?i:'s|'t|'re|'ve|'m|'ll|'d)?"
+    r"|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+
+
+@dataclass(frozen=True)
+class _PreTokenizer:
+    split: str
+    digits: bool = False  # split every digit on its own first (StarCoder-style vocabularies)
+    ignore_merges: bool = False  # a word that is a whole token is not merged (Llama 3)
+    add_bos: bool = False  # llama.cpp's default when the file does not say
+
+
+_LLAMA3 = _PreTokenizer(_LLAMA3_SPLIT, ignore_merges=True, add_bos=True)
+_STARCODER = _PreTokenizer(_GPT2_SPLIT, digits=True)
+_PRE_TOKENIZERS = {
+    "default": _PreTokenizer(_GPT2_SPLIT),
+    "gpt2": _PreTokenizer(_GPT2_SPLIT),
+    "gpt-2": _PreTokenizer(_GPT2_SPLIT),
+    "llama3": _LLAMA3,
+    "llama-v3": _LLAMA3,
+    "llama-bpe": _LLAMA3,
+    "falcon3": _LLAMA3,
+    "smaug-bpe": _PreTokenizer(_LLAMA3_SPLIT),
+    "dbrx": _PreTokenizer(_LLAMA3_SPLIT),
+    "smollm": _STARCODER,
+    "starcoder": _STARCODER,
+    "refact": _STARCODER,
+    "command-r": _STARCODER,
+    "codeshell": _STARCODER,
+    "exaone": _STARCODER,
+    "minerva-7b": _STARCODER,
+    "qwen2": _PreTokenizer(_QWEN2_SPLIT),
+    "deepseek-r1-qwen": _PreTokenizer(_QWEN2_SPLIT),
+    "megrez": _PreTokenizer(_QWEN2_SPLIT),
+    "tekken": _PreTokenizer(_TEKKEN_SPLIT),
+    "gpt-4o": _PreTokenizer(_GPT4O_SPLIT),
+    "llama4": _PreTokenizer(_GPT4O_SPLIT),
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading
+
+
+def _open(src: Path):
+    from gguf import GGUFReader
+
+    if not src.is_file():
+        raise InputError(f"GGUF file not found: {src}")
+    try:
+        return GGUFReader(src)
+    except Exception as exc:  # the reader raises ValueError, struct errors, OSError, ...
+        raise InputError(f"cannot read {src} as GGUF: {exc}") from exc
+
+
+def _metadata(reader) -> dict[str, Any]:
+    """Every key/value of the file as plain Python values."""
+    return {name: field.contents() for name, field in reader.fields.items() if not name.startswith("GGUF.")}
+
+
+def _get(meta: dict, key: str, default: Any = None, *, required: bool = False) -> Any:
+    if key in meta:
+        return meta[key]
+    if required:
+        raise ConfigError(f"GGUF metadata lacks {key!r}, which a llama model needs")
+    return default
+
+
+# ---------------------------------------------------------------------------------------------
+# Config
+
+
+def _rope_scaling(meta: dict, tensor_names: set[str], reader, head_dim: int, theta: float) -> dict | None:
+    kind = _get(meta, "llama.rope.scaling.type")
+    factor = _get(meta, "llama.rope.scaling.factor")
+    if kind is None and _get(meta, "llama.rope.scale_linear") is not None:  # older files
+        kind, factor = "linear", _get(meta, "llama.rope.scale_linear")
+    if "rope_freqs.weight" in tensor_names:
+        if kind not in (None, "none"):
+            raise ConfigError(f"GGUF has both rope_freqs and rope scaling type {kind!r}; not supported")
+        return _llama3_scaling(reader, head_dim, theta, meta)
+    if kind in (None, "none") or factor in (None, 1.0, 0.0):
+        return None
+    if kind == "linear":
+        return {"rope_type": "linear", "factor": float(factor)}
+    if kind == "yarn":
+        scaling = {"rope_type": "yarn", "factor": float(factor)}
+        orig = _get(meta, "llama.rope.scaling.original_context_length")
+        if orig:
+            scaling["original_max_position_embeddings"] = int(orig)
+        for key, name in (("yarn_beta_fast", "beta_fast"), ("yarn_beta_slow", "beta_slow")):
+            if (value := _get(meta, f"llama.rope.scaling.{key}")) is not None:
+                scaling[name] = float(value)
+        return scaling
+    raise ConfigError(f"unsupported GGUF rope scaling type {kind!r} (supported: linear, yarn, llama3 via rope_freqs)")
+
+
+def _llama3_factors(head_dim: int, theta: float, factor: float, low: float, high: float, orig: int) -> np.ndarray:
+    """The per-frequency divisors that Llama 3.1's RoPE scaling applies (what llama.cpp stores as rope_freqs)."""
+    inv_freq = 1.0 / theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
+    wavelen = 2 * math.pi / inv_freq
+    low_wavelen, high_wavelen = orig / low, orig / high
+    smooth = (orig / wavelen - low) / (high - low)
+    divisor = 1.0 / ((1 - smooth) / factor + smooth)
+    divisor = np.where(wavelen < high_wavelen, 1.0, divisor)
+    return np.where(wavelen > low_wavelen, factor, divisor)
+
+
+def _llama3_scaling(reader, head_dim: int, theta: float, meta: dict) -> dict:
+    """Map a rope_freqs tensor to HF's `llama3` rope scaling, only where known parameters rebuild it exactly."""
+    from gguf.quants import dequantize
+
+    tensor = next(t for t in reader.tensors if t.name == "rope_freqs.weight")
+    freqs = dequantize(tensor.data, tensor.tensor_type).astype(np.float64).reshape(-1)
+    factor = float(freqs.max())
+    orig_candidates = [8192]
+    if (orig := _get(meta, "llama.rope.scaling.original_context_length")) is not None:
+        orig_candidates.insert(0, int(orig))
+    for orig in orig_candidates:
+        for low, high in ((1.0, 4.0), (1.0, 2.0), (2.0, 4.0)):
+            expected = _llama3_factors(head_dim, theta, factor, low, high, orig)
+            if expected.shape == freqs.shape and np.allclose(expected, freqs, rtol=1e-4, atol=1e-5):
+                return {
+                    "rope_type": "llama3",
+                    "factor": factor,
+                    "low_freq_factor": low,
+                    "high_freq_factor": high,
+                    "original_max_position_embeddings": orig,
+                }
+    raise ConfigError(
+        "GGUF has a rope_freqs tensor that matches no Llama-3 rope scaling llamacli can rebuild exactly; "
+        "convert the original Hugging Face checkpoint instead"
+    )
+
+
+def _token_id(meta: dict, name: str) -> int | None:
+    value = meta.get(f"tokenizer.ggml.{name}_token_id")
+    return int(value) if value is not None else None
+
+
+def _build_config(meta: dict, reader, tensor_names: set[str], dtype: str) -> tuple[dict, dict]:
+    """(config.json, generation_config.json) from the metadata of a llama GGUF."""
+    dim = int(_get(meta, "llama.embedding_length", required=True))
+    n_heads = int(_get(meta, "llama.attention.head_count", required=True))
+    n_kv_heads = int(_get(meta, "llama.attention.head_count_kv", n_heads))
+    head_dim = int(_get(meta, "llama.attention.key_length", 0) or _get(meta, "llama.rope.dimension_count", 0)
+                   or dim // n_heads)
+    rope_dim = int(_get(meta, "llama.rope.dimension_count", head_dim))
+    if rope_dim != head_dim:
+        raise ConfigError(f"GGUF rotates {rope_dim} of {head_dim} head dimensions; partial RoPE is not supported")
+    value_dim = _get(meta, "llama.attention.value_length")
+    if value_dim is not None and int(value_dim) != head_dim:
+        raise ConfigError(f"GGUF value head size {value_dim} differs from key head size {head_dim}; not supported")
+    if _get(meta, "llama.expert_count", 0):
+        raise ConfigError("mixture-of-experts llama GGUF files are not supported")
+    theta = float(_get(meta, "llama.rope.freq_base", 10000.0))
+    tokens = _get(meta, "tokenizer.ggml.tokens") or []
+    vocab_size = int(_get(meta, "llama.vocab_size", 0) or len(tokens))
+    if not vocab_size:
+        raise ConfigError("GGUF metadata states no vocabulary size and has no tokens")
+    bos, eos, pad = _token_id(meta, "bos"), _token_id(meta, "eos"), _token_id(meta, "padding")
+
+    config: dict[str, Any] = {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "hidden_size": dim,
+        "intermediate_size": int(_get(meta, "llama.feed_forward_length", required=True)),
+        "num_hidden_layers": int(_get(meta, "llama.block_count", required=True)),
+        "num_attention_heads": n_heads,
+        "num_key_value_heads": n_kv_heads,
+        "head_dim": head_dim,
+        "hidden_act": "silu",
+        "max_position_embeddings": int(_get(meta, "llama.context_length", 2048)),
+        "rms_norm_eps": float(_get(meta, "llama.attention.layer_norm_rms_epsilon", 1e-5)),
+        "rope_theta": theta,
+        "rope_scaling": _rope_scaling(meta, tensor_names, reader, head_dim, theta),
+        "attention_bias": False,
+        "mlp_bias": False,
+        "vocab_size": vocab_size,
+        "tie_word_embeddings": "output.weight" not in tensor_names,
+        "bos_token_id": bos,
+        "eos_token_id": eos,
+        "pad_token_id": pad,
+        "torch_dtype": dtype,
+    }
+    # Chat models end turns with an end-of-turn/-message token that is not the eos id: stop on all.
+    eos_ids = [i for i in (eos, _token_id(meta, "eot"), _token_id(meta, "eom")) if i is not None]
+    eos_ids = list(dict.fromkeys(eos_ids))
+    generation = {
+        "bos_token_id": bos,
+        "eos_token_id": eos_ids[0] if len(eos_ids) == 1 else (eos_ids or None),
+    }
+    if pad is not None:
+        generation["pad_token_id"] = pad
+    return config, {k: v for k, v in generation.items() if v is not None}
+
+
+# ---------------------------------------------------------------------------------------------
+# Weights
+
+
+def _hf_name(name: str) -> str:
+    if name in _GLOBAL_NAMES:
+        return _GLOBAL_NAMES[name]
+    parts = name.split(".")
+    if len(parts) == 4 and parts[0] == "blk" and parts[1].isdigit() and parts[3] == "weight" and parts[2] in _LAYER_NAMES:
+        return f"model.layers.{parts[1]}.{_LAYER_NAMES[parts[2]]}.weight"
+    raise WeightsError(f"unexpected tensor {name!r} in a llama GGUF file")
+
+
+def unpermute_rope_rows(weight: np.ndarray, n_heads: int) -> np.ndarray:
+    """Undo llama.cpp's per-head interleaving of q/k rows (pass the KV-head count for k)."""
+    rows = weight.shape[0]
+    if rows % (2 * n_heads):
+        raise WeightsError(f"cannot split {rows} rows into {n_heads} heads of two rotary halves")
+    half = rows // n_heads // 2
+    # llama.cpp stored (n_heads, half, 2, ...) in the order of (n_heads, 2, half, ...): swap back.
+    return weight.reshape(n_heads, half, 2, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
+
+
+def _dequantize(tensor) -> np.ndarray:
+    """The tensor as float32 in numpy (row-major, HF) shape."""
+    from gguf import GGMLQuantizationType as Q
+    from gguf.quants import dequantize
+
+    qtype = Q(tensor.tensor_type)
+    if qtype in (Q.I8, Q.I16, Q.I32, Q.I64, Q.F64):
+        raise WeightsError(f"tensor {tensor.name!r} has type {qtype.name}, which is not a supported weight type")
+    try:
+        values = dequantize(tensor.data, qtype)
+    except NotImplementedError as exc:
+        raise WeightsError(f"tensor {tensor.name!r} has type {qtype.name}, which gguf cannot dequantize") from exc
+    shape = tuple(int(n) for n in reversed(tensor.shape.tolist()))  # GGUF lists dimensions innermost first
+    values = np.asarray(values, dtype=np.float32).reshape(shape)
+    # F32 tensors are read-only views of the mapped file: own a copy, as every other type already does.
+    return values if values.flags.writeable else values.copy()
+
+
+def _write_weights(reader, config: dict, out: Path, dtype: str, progress: ProgressFn | None) -> None:
+    import torch
+    from safetensors.torch import save_file
+
+    torch_dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[dtype]
+    n_heads, n_kv_heads = config["num_attention_heads"], config["num_key_value_heads"]
+    expected = _expected_shapes(config)
+    tensors = [t for t in reader.tensors if t.name != "rope_freqs.weight"]
+    total = len(tensors)
+
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    shard_bytes = 0
+    seen: set[str] = set()
+    for done, tensor in enumerate(tensors, 1):
+        name = _hf_name(tensor.name)
+        values = _dequantize(tensor)
+        if name.endswith("q_proj.weight"):
+            values = unpermute_rope_rows(values, n_heads)
+        elif name.endswith("k_proj.weight"):
+            values = unpermute_rope_rows(values, n_kv_heads)
+        if name not in expected:
+            raise WeightsError(f"tensor {tensor.name!r} ({name}) does not belong to a "
+                               f"{config['num_hidden_layers']}-layer model")
+        if tuple(values.shape) != expected[name]:
+            raise WeightsError(f"tensor {tensor.name!r} has shape {tuple(values.shape)}, "
+                               f"expected {expected[name]} from the metadata")
+        weight = torch.from_numpy(np.ascontiguousarray(values)).to(torch_dtype).contiguous()
+        size = weight.numel() * weight.element_size()
+        if shard_bytes and shard_bytes + size > SHARD_BYTES:
+            shards.append({})
+            shard_bytes = 0
+        shards[-1][name] = weight
+        shard_bytes += size
+        seen.add(name)
+        if progress is not None:
+            progress(done, total, tensor.name)
+
+    missing = sorted(set(expected) - seen)
+    if missing:
+        raise WeightsError(f"GGUF file lacks {len(missing)} tensor(s) the model needs, e.g. {missing[0]!r}")
+    metadata = {"format": "pt"}
+    if len(shards) == 1:
+        save_file(shards[0], str(out / "model.safetensors"), metadata=metadata)
+        return
+    weight_map, total_size = {}, 0
+    for index, shard in enumerate(shards, 1):
+        file = f"model-{index:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, str(out / file), metadata=metadata)
+        for name, weight in shard.items():
+            weight_map[name] = file
+            total_size += weight.numel() * weight.element_size()
+    index_json = {"metadata": {"total_size": total_size}, "weight_map": weight_map}
+    (out / "model.safetensors.index.json").write_text(json.dumps(index_json, indent=2) + "\n")
+
+
+def _expected_shapes(config: dict) -> dict[str, tuple[int, ...]]:
+    dim, ffn, vocab = config["hidden_size"], config["intermediate_size"], config["vocab_size"]
+    head_dim = config["head_dim"]
+    q_rows, kv_rows = config["num_attention_heads"] * head_dim, config["num_key_value_heads"] * head_dim
+    shapes = {
+        "model.embed_tokens.weight": (vocab, dim),
+        "model.norm.weight": (dim,),
+    }
+    if not config["tie_word_embeddings"]:
+        shapes["lm_head.weight"] = (vocab, dim)
+    for i in range(config["num_hidden_layers"]):
+        p = f"model.layers.{i}."
+        shapes |= {
+            p + "self_attn.q_proj.weight": (q_rows, dim),
+            p + "self_attn.k_proj.weight": (kv_rows, dim),
+            p + "self_attn.v_proj.weight": (kv_rows, dim),
+            p + "self_attn.o_proj.weight": (dim, q_rows),
+            p + "mlp.gate_proj.weight": (ffn, dim),
+            p + "mlp.up_proj.weight": (ffn, dim),
+            p + "mlp.down_proj.weight": (dim, ffn),
+            p + "input_layernorm.weight": (dim,),
+            p + "post_attention_layernorm.weight": (dim,),
+        }
+    return shapes
+
+
+# ---------------------------------------------------------------------------------------------
+# Tokenizer
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's printable spelling of each byte, the alphabet of byte-level BPE vocabularies."""
+    keep = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    spelling, extra = {}, 0
+    for byte in range(256):
+        if byte in keep:
+            spelling[byte] = chr(byte)
+        else:
+            spelling[byte] = chr(256 + extra)
+            extra += 1
+    return spelling
+
+
+def _write_bpe_tokenizer(meta: dict, out: Path, pre: _PreTokenizer, add_bos: bool) -> None:
+    """tokenizer.json for a byte-level BPE (`gpt2`) vocabulary."""
+    tokens: list[str] = list(meta["tokenizer.ggml.tokens"])
+    types: list[int] = list(meta.get("tokenizer.ggml.token_type") or [_NORMAL] * len(tokens))
+    merges: list[str] = list(meta.get("tokenizer.ggml.merges") or [])
+    spelling = _bytes_to_unicode()
+    alphabet = set(spelling.values())
+
+    vocab: dict[str, int] = {}
+    added = []
+    for index, (token, kind) in enumerate(zip(tokens, types)):
+        key = token
+        if not set(token) <= alphabet:
+            # Added tokens are stored as raw text; the BPE vocabulary wants them in the byte alphabet.
+            key = "".join(spelling[b] for b in token.encode("utf-8"))
+        if key in vocab:
+            key = token if token not in vocab else f"<gguf_duplicate_{index}>"
+        vocab[key] = index
+        if kind in (_CONTROL, _USER_DEFINED):
+            added.append({
+                "id": index, "content": token, "single_word": False, "lstrip": False, "rstrip": False,
+                "normalized": False, "special": kind == _CONTROL,
+            })
+
+    pre_tokenizers: list[dict] = []
+    if pre.digits:
+        pre_tokenizers.append({"type": "Digits", "individual_digits": True})
+    pre_tokenizers += [
+        {"type": "Split", "pattern": {"Regex": pre.split}, "behavior": "Isolated", "invert": False},
+        {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False},
+    ]
+    post_processor: dict = {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": False, "use_regex": True}
+    bos_id = _token_id(meta, "bos")
+    if add_bos and bos_id is not None:
+        bos = tokens[bos_id]
+        post_processor = {
+            "type": "TemplateProcessing",
+            "single": [{"SpecialToken": {"id": bos, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}],
+            "pair": [{"SpecialToken": {"id": bos, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}},
+                     {"SpecialToken": {"id": bos, "type_id": 1}}, {"Sequence": {"id": "B", "type_id": 1}}],
+            "special_tokens": {bos: {"id": bos, "ids": [bos_id], "tokens": [bos]}},
+        }
+    document = {
+        "version": "1.0",
+        "truncation": None,
+        "padding": None,
+        "added_tokens": added,
+        "normalizer": None,
+        "pre_tokenizer": {"type": "Sequence", "pretokenizers": pre_tokenizers},
+        "post_processor": post_processor,
+        "decoder": {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": True, "use_regex": True},
+        "model": {
+            "type": "BPE",
+            "dropout": None,
+            "unk_token": None,
+            "continuing_subword_prefix": None,
+            "end_of_word_suffix": None,
+            "fuse_unk": False,
+            "byte_fallback": False,
+            "ignore_merges": pre.ignore_merges,
+            "vocab": vocab,
+            "merges": [merge.split(" ", 1) for merge in merges],
+        },
+    }
+    (out / "tokenizer.json").write_text(json.dumps(document, ensure_ascii=False) + "\n", encoding="utf-8")
+    # Fail here, not at first use, if `tokenizers` cannot read what we wrote.
+    from tokenizers import Tokenizer
+
+    try:
+        Tokenizer.from_file(str(out / "tokenizer.json"))
+    except Exception as exc:
+        raise TokenizerError(f"the tokenizer built from the GGUF vocabulary does not load: {exc}") from exc
+
+
+def _write_sentencepiece_tokenizer(meta: dict, out: Path) -> None:
+    """tokenizer.model for a SentencePiece (`llama`) vocabulary."""
+    from sentencepiece import SentencePieceProcessor
+    from sentencepiece import sentencepiece_model_pb2 as sp_pb2
+
+    tokens: list[str] = list(meta["tokenizer.ggml.tokens"])
+    scores: list[float] = list(meta.get("tokenizer.ggml.scores") or [0.0] * len(tokens))
+    types: list[int] = list(meta.get("tokenizer.ggml.token_type") or [_NORMAL] * len(tokens))
+
+    proto = sp_pb2.ModelProto()
+    for token, score, kind in zip(tokens, scores, types):
+        piece = proto.pieces.add()
+        piece.piece = token
+        piece.score = float(score)
+        piece.type = kind if kind in (_NORMAL, _UNKNOWN, _CONTROL, _USER_DEFINED, _UNUSED, _BYTE) else _NORMAL
+    trainer = proto.trainer_spec
+    trainer.model_type = sp_pb2.TrainerSpec.BPE
+    trainer.vocab_size = len(tokens)
+    trainer.byte_fallback = _BYTE in types
+    for field, name in (("unk_id", "unknown"), ("bos_id", "bos"), ("eos_id", "eos"), ("pad_id", "padding")):
+        token_id = _token_id(meta, name)
+        setattr(trainer, field, -1 if token_id is None else token_id)
+    for field, token_id in (("unk_piece", _token_id(meta, "unknown")), ("bos_piece", _token_id(meta, "bos")),
+                            ("eos_piece", _token_id(meta, "eos")), ("pad_piece", _token_id(meta, "padding"))):
+        if token_id is not None:
+            setattr(trainer, field, tokens[token_id])
+    normalizer = proto.normalizer_spec
+    normalizer.name = "identity"
+    normalizer.add_dummy_prefix = bool(meta.get("tokenizer.ggml.add_space_prefix", True))
+    normalizer.remove_extra_whitespaces = bool(meta.get("tokenizer.ggml.remove_extra_whitespaces", False))
+    normalizer.escape_whitespaces = True
+    data = proto.SerializeToString()
+    try:
+        SentencePieceProcessor(model_proto=data)
+    except Exception as exc:
+        raise TokenizerError(f"the SentencePiece model built from the GGUF vocabulary does not load: {exc}") from exc
+    (out / "tokenizer.model").write_bytes(data)
+
+
+def _write_tokenizer(meta: dict, out: Path, config: dict) -> None:
+    model = meta.get("tokenizer.ggml.model")
+    if not meta.get("tokenizer.ggml.tokens"):
+        raise TokenizerError("GGUF file has no vocabulary (tokenizer.ggml.tokens)")
+    tokens = meta["tokenizer.ggml.tokens"]
+    if model == "gpt2":
+        pre_name = meta.get("tokenizer.ggml.pre") or "default"
+        if pre_name not in _PRE_TOKENIZERS:
+            raise TokenizerError(f"unsupported GGUF pre-tokenizer {pre_name!r} (tokenizer.ggml.pre); "
+                                 f"supported: {', '.join(sorted(_PRE_TOKENIZERS))}")
+        pre = _PRE_TOKENIZERS[pre_name]
+        add_bos = bool(meta.get("tokenizer.ggml.add_bos_token", pre.add_bos))
+        _write_bpe_tokenizer(meta, out, pre, add_bos)
+        tokenizer_class = "PreTrainedTokenizerFast"
+    elif model == "llama":
+        add_bos = bool(meta.get("tokenizer.ggml.add_bos_token", True))
+        _write_sentencepiece_tokenizer(meta, out)
+        tokenizer_class = "LlamaTokenizer"
+    else:
+        raise TokenizerError(f"unsupported GGUF tokenizer model {model!r} (supported: gpt2, llama)")
+
+    def token(name: str) -> str | None:
+        token_id = _token_id(meta, name)
+        return tokens[token_id] if token_id is not None and 0 <= token_id < len(tokens) else None
+
+    tokenizer_config: dict[str, Any] = {
+        "tokenizer_class": tokenizer_class,
+        "bos_token": token("bos"),
+        "eos_token": token("eos"),
+        "unk_token": token("unknown"),
+        "pad_token": token("padding"),
+        "add_bos_token": add_bos,
+        "add_eos_token": bool(meta.get("tokenizer.ggml.add_eos_token", False)),
+        "clean_up_tokenization_spaces": False,
+        "model_max_length": config["max_position_embeddings"],
+    }
+    if model == "llama":
+        tokenizer_config["legacy"] = False
+        tokenizer_config["add_prefix_space"] = bool(meta.get("tokenizer.ggml.add_space_prefix", True))
+    if (template := meta.get("tokenizer.chat_template")) is not None:
+        tokenizer_config["chat_template"] = template
+    tokenizer_config = {k: v for k, v in tokenizer_config.items() if v is not None}
+    (out / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2, ensure_ascii=False) + "\n",
+                                               encoding="utf-8")
+    special = {k: tokenizer_config[k] for k in ("bos_token", "eos_token", "unk_token", "pad_token") if k in tokenizer_config}
+    (out / "special_tokens_map.json").write_text(json.dumps(special, indent=2, ensure_ascii=False) + "\n",
+                                                 encoding="utf-8")
+
+
+# ---------------------------------------------------------------------------------------------
+# Public API
+
+
+def convert_gguf(src: str | Path, out_dir: str | Path, dtype: str = "bfloat16",
+                 progress: ProgressFn | None = None) -> Path:
+    """Convert a llama GGUF file into a Hugging Face checkpoint folder; returns the folder.
+
+    `progress(done, total, tensor_name)` is called after each tensor.
+    """
+    if dtype not in DTYPES:
+        raise UsageError(f"unsupported dtype {dtype!r} (choose one of {', '.join(DTYPES)})")
+    src, out = Path(src), Path(out_dir)
+    reader = _open(src)
+    meta = _metadata(reader)
+    arch = meta.get("general.architecture")
+    if arch != "llama":
+        raise ConfigError(f"unsupported GGUF architecture {arch!r}: llamacli converts only 'llama'")
+    tensor_names = {t.name for t in reader.tensors}
+    config, generation = _build_config(meta, reader, tensor_names, dtype)
+
+    if out.exists() and not out.is_dir():
+        raise InputError(f"output path exists and is not a folder: {out}")
+    out.mkdir(parents=True, exist_ok=True)
+    _write_tokenizer(meta, out, config)
+    _write_weights(reader, config, out, dtype, progress)
+    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    (out / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
+    return out
+
+
+def default_cache_root() -> Path:
+    """Where `--model FILE.gguf` conversions are kept: $LLAMACLI_CACHE/gguf, else ~/.cache/llamacli/gguf."""
+    root = os.environ.get("LLAMACLI_CACHE")
+    return Path(root) / "gguf" if root else Path.home() / ".cache" / "llamacli" / "gguf"
+
+
+def cached_conversion(src: str | Path, dtype: str = "bfloat16", cache_root: Path | None = None,
+                      progress: ProgressFn | None = None) -> Path:
+    """Convert a GGUF file once into a cache folder (keyed by path, size, mtime and dtype) and reuse it after."""
+    if dtype not in DTYPES:
+        raise UsageError(f"unsupported dtype {dtype!r} (choose one of {', '.join(DTYPES)})")
+    path = Path(src).expanduser()
+    if not path.is_file():
+        raise InputError(f"GGUF file not found: {path}")
+    path = path.resolve()
+    stat = path.stat()
+    key = f"{path}|{stat.st_size}|{stat.st_mtime_ns}|{dtype}|v{CONVERTER_VERSION}"
+    digest = hashlib.sha256(key.encode()).hexdigest()[:16]
+    root = Path(cache_root) if cache_root is not None else default_cache_root()
+    target = root / f"{path.stem}-{dtype}-{digest}"
+    if (target / "config.json").is_file():
+        return target
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=root))
+    try:
+        convert_gguf(path, tmp, dtype=dtype, progress=progress)
+        try:
+            os.rename(tmp, target)
+        except OSError:
+            if not (target / "config.json").is_file():  # not a concurrent conversion that finished first
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
