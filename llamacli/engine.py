@@ -1,0 +1,344 @@
+"""Generation: prefill, one-token steps through the KV cache, and a stream of events on top.
+
+Layers (as mlx-lm): `Engine.stream` yields `TokenEvent`s then one `Finished`; `Engine.generate` collects
+them; `ChatSession` keeps a conversation and its cache across turns, prefilling only what is new.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import torch
+
+from llamacli.errors import ContextOverflowError, UsageError
+from llamacli.kv_cache import KVCache
+from llamacli.model import Llama
+from llamacli.sampling import SamplingParams, apply_repetition_penalty, make_generator, sample
+
+
+@dataclass(frozen=True)
+class Request:
+    """What to generate after a prompt, besides the prompt itself."""
+
+    max_new_tokens: int = 256
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    ignore_eos: bool = False
+    logprobs: bool = False
+
+    def __post_init__(self):
+        if isinstance(self.max_new_tokens, bool) or not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
+            raise UsageError(f"max-new-tokens must be an integer >= 1, got {self.max_new_tokens!r}")
+        if any(not isinstance(s, str) or not s for s in self.stop):
+            raise UsageError("stop strings must be non-empty text")
+
+
+@dataclass
+class Stats:
+    """Counts and timings of one generation (seconds; rates in tokens per second)."""
+
+    prompt_tokens: int = 0
+    prefill_tokens: int = 0
+    generated_tokens: int = 0
+    prefill_s: float = 0.0
+    ttft_s: float = 0.0
+    decode_s: float = 0.0
+
+    @property
+    def prefill_tps(self) -> float:
+        """Prefill speed over the tokens actually prefilled."""
+        return self.prefill_tokens / self.prefill_s if self.prefill_s > 0 else 0.0
+
+    @property
+    def decode_tps(self) -> float:
+        """Decode speed: tokens after the first, over the time spent producing them."""
+        n = self.generated_tokens - 1
+        return n / self.decode_s if n > 0 and self.decode_s > 0 else 0.0
+
+    def as_dict(self) -> dict:
+        """Plain numbers for JSON output."""
+        return {
+            "prompt_tokens": self.prompt_tokens,
+            "prefill_tokens": self.prefill_tokens,
+            "generated_tokens": self.generated_tokens,
+            "prefill_s": round(self.prefill_s, 6),
+            "ttft_s": round(self.ttft_s, 6),
+            "decode_s": round(self.decode_s, 6),
+            "prefill_tokens_per_s": round(self.prefill_tps, 3),
+            "decode_tokens_per_s": round(self.decode_tps, 3),
+        }
+
+
+@dataclass
+class TextEvent:
+    """Text to show; the last one of a stream carries what the detokenizer held back until the end."""
+
+    text: str
+
+
+@dataclass
+class TokenEvent(TextEvent):
+    """One generated token and the text it completed (may be '' while a character or stop is pending)."""
+
+    token_id: int = -1
+    logprob: float | None = None
+
+
+@dataclass
+class Finished:
+    """The end of a generation: why it ended, everything produced, and the stats."""
+
+    reason: str  # "stop" (eos id or stop string) or "length"
+    text: str
+    token_ids: list[int]
+    logprobs: list[float] | None
+    stats: Stats
+
+
+class StopMatcher:
+    """Holds back text that might begin a stop string; reports the text before the first stop found."""
+
+    def __init__(self, stops: tuple[str, ...]):
+        self.stops = stops
+        self.pending = ""
+
+    def feed(self, piece: str) -> tuple[str, bool]:
+        """Add text; return (text safe to emit now, whether a stop string was found)."""
+        if not self.stops:
+            return piece, False
+        self.pending += piece
+        hits = [i for i in (self.pending.find(s) for s in self.stops) if i >= 0]
+        if hits:
+            out, self.pending = self.pending[:min(hits)], ""
+            return out, True
+        hold = 0
+        for s in self.stops:
+            for k in range(min(len(s) - 1, len(self.pending)), 0, -1):
+                if self.pending.endswith(s[:k]):
+                    hold = max(hold, k)
+                    break
+        cut = len(self.pending) - hold
+        out, self.pending = self.pending[:cut], self.pending[cut:]
+        return out, False
+
+    def flush(self) -> str:
+        """Whatever is held back, at the end of generation."""
+        out, self.pending = self.pending, ""
+        return out
+
+
+class Engine:
+    """A loaded model with its tokenizer (and chat template): the object scripts hold on to."""
+
+    def __init__(self, model: Llama, tokenizer=None, chat_template: str | None = None):
+        self.model = model
+        self.config = model.config
+        self.tokenizer = tokenizer
+        self.chat_template = chat_template
+        self.device = model.model.embed_tokens.weight.device
+        self.dtype = model.model.embed_tokens.weight.dtype
+        eos = set(self.config.eos_token_ids)
+        if tokenizer is not None:
+            eos |= set(tokenizer.eos_ids)
+        self.eos_ids = frozenset(eos)
+
+    @classmethod
+    def load(cls, folder: str | Path, dtype: str = "auto", device: str = "auto",
+             tokenizer: str | Path | None = None, chat_template: str | Path | None = None) -> "Engine":
+        """Load model, tokenizer and chat template from a local checkpoint folder."""
+        from llamacli.chat_template import load_chat_template
+        from llamacli.config import load_config
+        from llamacli.tokenizer import load_tokenizer
+        from llamacli.weights import load_model
+
+        folder = Path(folder)
+        config = load_config(folder)
+        tok = load_tokenizer(tokenizer or folder, extra_eos_ids=config.eos_token_ids)
+        template = load_chat_template(folder, chat_template)
+        model = load_model(folder, dtype=dtype, device=device, config=config)
+        return cls(model, tok, template)
+
+    # -- prompts ---------------------------------------------------------------------------------------
+
+    def chat_ids(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
+        """Render messages with the chat template and encode them (the template carries its own BOS)."""
+        from llamacli.chat_template import render_chat
+        from llamacli.errors import TokenizerError
+
+        if self.chat_template is None:
+            raise TokenizerError("this model has no chat template: pass --raw to send the prompt as it is, "
+                                 "or --chat-template FILE")
+        tok = self.tokenizer
+        text = render_chat(self.chat_template, messages, bos_token=tok.bos_token, eos_token=tok.eos_token,
+                           add_generation_prompt=add_generation_prompt)
+        return tok.encode(text, add_special_tokens=False)
+
+    def raw_ids(self, text: str) -> list[int]:
+        """Encode plain text, adding BOS/EOS as the tokenizer does by default."""
+        return self.tokenizer.encode(text, add_special_tokens=True)
+
+    # -- generation ------------------------------------------------------------------------------------
+
+    def check_fits(self, prompt_len: int, max_new_tokens: int) -> None:
+        """Raise ContextOverflowError, with the numbers, when prompt + new tokens exceed the context."""
+        ctx = self.config.context_length
+        if prompt_len == 0:
+            raise UsageError("the prompt is empty (no tokens to start from)")
+        if prompt_len + max_new_tokens > ctx:
+            raise ContextOverflowError(
+                f"prompt ({prompt_len} tokens) + max-new-tokens ({max_new_tokens}) = "
+                f"{prompt_len + max_new_tokens} exceeds the model's context of {ctx} tokens"
+            )
+
+    def new_cache(self, n_positions: int, max_batch: int = 1) -> KVCache:
+        """A cache for n_positions (capped at the context) in the model's dtype and device."""
+        return KVCache(self.config, max_batch, min(n_positions, self.config.context_length),
+                       dtype=self.dtype, device=self.device)
+
+    @torch.inference_mode()
+    def stream(self, prompt_ids: list[int], request: Request = Request(), cache: KVCache | None = None,
+               start_pos: int = 0) -> Iterator[TextEvent | Finished]:
+        """Generate after prompt_ids, yielding a TokenEvent per token and then one Finished.
+
+        With a cache, positions [0, start_pos) must already hold prompt_ids[:start_pos]; only the rest is
+        prefilled (chat turns reuse the cache this way).
+        """
+        n_prompt = len(prompt_ids)
+        if cache is None:
+            self.check_fits(n_prompt, request.max_new_tokens)
+            cache = self.new_cache(n_prompt + request.max_new_tokens)
+        elif n_prompt + request.max_new_tokens > cache.max_seq_len:
+            raise ContextOverflowError(
+                f"prompt ({n_prompt} tokens) + max-new-tokens ({request.max_new_tokens}) = "
+                f"{n_prompt + request.max_new_tokens} exceeds the {cache.max_seq_len} positions available"
+            )
+        if not 0 <= start_pos < n_prompt:
+            raise ValueError(f"start_pos {start_pos} must be inside the prompt (0..{n_prompt - 1})")
+        p = request.sampling
+        stats = Stats(prompt_tokens=n_prompt, prefill_tokens=n_prompt - start_pos)
+        generator = None if p.greedy else make_generator(request.seed)
+        seen = None
+        if p.repetition_penalty != 1.0:
+            seen = torch.zeros(self.config.vocab_size, dtype=torch.bool)
+            seen[torch.tensor(prompt_ids)] = True
+        stop_ids = frozenset() if request.ignore_eos else self.eos_ids
+        decoder = self.tokenizer.stream_decoder(skip_special_tokens=True) if self.tokenizer else None
+        matcher = StopMatcher(request.stop)
+        out_ids: list[int] = []
+        logprobs: list[float] | None = [] if request.logprobs else None
+        text_parts: list[str] = []
+
+        t0 = time.perf_counter()
+        tokens = torch.tensor([prompt_ids[start_pos:]], device=self.device)
+        logits = self.model(tokens, start_pos, cache, last_only=True)[0, -1]
+        pos = n_prompt
+        step = torch.empty((1, 1), dtype=torch.long, device=self.device)
+        reason = "length"
+        t_first = None
+        while True:
+            row = logits.float().cpu()
+            token = sample(row, p, generator, seen)
+            if t_first is None:
+                t_first = time.perf_counter()
+                stats.prefill_s = stats.ttft_s = t_first - t0
+            out_ids.append(token)
+            lp = None
+            if logprobs is not None:
+                lp = float(torch.log_softmax(row, dim=-1)[token])
+                logprobs.append(lp)
+            if seen is not None:
+                seen[token] = True
+            stopped = token in stop_ids
+            piece = "" if (stopped or decoder is None) else decoder.add(token)
+            piece, hit = matcher.feed(piece)
+            text_parts.append(piece)
+            yield TokenEvent(text=piece, token_id=token, logprob=lp)
+            if stopped or hit:
+                reason = "stop"
+                break
+            if len(out_ids) >= request.max_new_tokens:
+                break
+            step.fill_(token)
+            logits = self.model(step, pos, cache)[0, -1]
+            pos += 1
+        tail = ""
+        if not hit:  # after a stop string, everything past it is dropped
+            tail, hit = matcher.feed(decoder.flush() if decoder is not None else "")
+            if not hit:
+                tail += matcher.flush()
+            elif reason == "length":
+                reason = "stop"
+        stats.generated_tokens = len(out_ids)
+        stats.decode_s = time.perf_counter() - t_first
+        if tail:
+            yield TextEvent(tail)
+            text_parts.append(tail)
+        yield Finished(reason, "".join(text_parts), out_ids, logprobs, stats)
+
+    def generate(self, prompt_ids: list[int], request: Request = Request()) -> Finished:
+        """Run `stream` to the end and return its Finished event."""
+        for event in self.stream(prompt_ids, request):
+            if isinstance(event, Finished):
+                return event
+        raise AssertionError("stream ended without Finished")
+
+
+class ChatSession:
+    """A conversation whose KV cache lives across turns: each turn prefills only ids new since the cache."""
+
+    def __init__(self, engine: Engine, system: str | None = None, max_context: int | None = None):
+        self.engine = engine
+        self.system = system
+        self.messages: list[dict] = []
+        self.n_positions = min(max_context or engine.config.context_length, engine.config.context_length)
+        self.cache: KVCache | None = None
+        self.cached_ids: list[int] = []  # ids whose keys/values are in the cache, in order
+
+    def reset(self) -> None:
+        """Forget the conversation and the cache contents."""
+        self.messages = []
+        self.cached_ids = []
+
+    def set_system(self, system: str | None) -> None:
+        """Change the system message (the next turn re-prefills from where the prompt differs)."""
+        self.system = system
+
+    def prompt_ids(self, user_text: str) -> list[int]:
+        """Ids of the whole conversation plus a new user turn, ready for the assistant's reply."""
+        msgs = ([{"role": "system", "content": self.system}] if self.system else []) + self.messages
+        return self.engine.chat_ids(msgs + [{"role": "user", "content": user_text}])
+
+    def turn(self, user_text: str, request: Request = Request()) -> Iterator[TextEvent | Finished]:
+        """Add a user message and stream the assistant's reply; the reply joins the history when done."""
+        ids = self.prompt_ids(user_text)
+        need = len(ids) + request.max_new_tokens
+        if need > self.n_positions:
+            raise ContextOverflowError(
+                f"the conversation needs {len(ids)} tokens + max-new-tokens {request.max_new_tokens} = {need}, "
+                f"over the context of {self.n_positions}: use /reset to start over"
+            )
+        if self.cache is None:
+            self.cache = self.engine.new_cache(self.n_positions)
+        common = 0
+        for a, b in zip(self.cached_ids, ids):
+            if a != b:
+                break
+            common += 1
+        common = min(common, len(ids) - 1)  # at least one token must run to get logits
+        finished = None
+        try:
+            for event in self.engine.stream(ids, request, cache=self.cache, start_pos=common):
+                if isinstance(event, Finished):
+                    finished = event
+                yield event
+        finally:
+            # Whatever ran (even if interrupted) the cache is valid only up to the common prefix for sure.
+            self.cached_ids = ids[:common]
+        self.messages.append({"role": "user", "content": user_text})
+        self.messages.append({"role": "assistant", "content": finished.text})
+        # The last sampled token was never fed to the model, so its keys/values are not in the cache.
+        self.cached_ids = ids + finished.token_ids[:-1]

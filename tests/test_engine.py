@@ -1,0 +1,93 @@
+"""The engine: greedy output equals transformers, stop conditions, seeds, stop strings, chat cache reuse."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from llamacli.engine import Engine, Finished, Request, StopMatcher, TokenEvent
+from llamacli.errors import ContextOverflowError
+from llamacli.sampling import SamplingParams
+from llamacli.weights import load_model
+
+PROMPT = [1, 17, 43, 99, 5, 64, 23, 77, 12, 8]
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_dir):
+    return Engine(load_model(tiny_dir, dtype="float32", device="cpu"))
+
+
+@pytest.mark.parity
+def test_greedy_generate_equals_transformers(engine, tiny_dir):
+    import transformers
+
+    ref = transformers.LlamaForCausalLM.from_pretrained(tiny_dir, dtype=torch.float32).eval()
+    expected = ref.generate(torch.tensor([PROMPT]), attention_mask=torch.ones(1, len(PROMPT), dtype=torch.long),
+                            max_new_tokens=20, do_sample=False, pad_token_id=0,
+                            eos_token_id=list(engine.eos_ids))[0, len(PROMPT):].tolist()
+    result = engine.generate(PROMPT, Request(max_new_tokens=20))
+    assert result.token_ids == expected
+    assert result.reason == ("stop" if expected[-1] in engine.eos_ids else "length")
+
+
+def test_stream_yields_one_event_per_token_then_finished(engine):
+    events = list(engine.stream(PROMPT, Request(max_new_tokens=5, ignore_eos=True)))
+    tokens = [e for e in events if isinstance(e, TokenEvent)]
+    assert isinstance(events[-1], Finished)
+    assert [e.token_id for e in tokens] == events[-1].token_ids
+    assert len(tokens) == 5 and events[-1].reason == "length"
+    stats = events[-1].stats
+    assert stats.prompt_tokens == len(PROMPT) and stats.generated_tokens == 5
+
+
+def test_stops_on_every_eos_id(engine):
+    free = engine.generate(PROMPT, Request(max_new_tokens=6, ignore_eos=True)).token_ids
+    # Pretend the third greedy token is an eos id: generation must end there with reason "stop".
+    engine2 = Engine(engine.model)
+    engine2.eos_ids = frozenset({free[2], 12345})
+    result = engine2.generate(PROMPT, Request(max_new_tokens=6))
+    assert result.token_ids == free[:3]
+    assert result.reason == "stop"
+
+
+def test_seeded_sampling_is_reproducible(engine):
+    req = Request(max_new_tokens=12, sampling=SamplingParams(temperature=1.5), seed=3, ignore_eos=True)
+    a = engine.generate(PROMPT, req).token_ids
+    b = engine.generate(PROMPT, req).token_ids
+    c = engine.generate(PROMPT, Request(max_new_tokens=12, sampling=SamplingParams(temperature=1.5), seed=4,
+                                        ignore_eos=True)).token_ids
+    assert a == b and a != c
+
+
+def test_logprobs_are_log_softmax_of_model_logits(engine):
+    result = engine.generate(PROMPT, Request(max_new_tokens=3, logprobs=True, ignore_eos=True))
+    ids = PROMPT + result.token_ids
+    full = torch.log_softmax(engine.model(torch.tensor([ids]))[0].float(), dim=-1)
+    expected = [full[len(PROMPT) - 1 + i, t].item() for i, t in enumerate(result.token_ids)]
+    assert result.logprobs == pytest.approx(expected, abs=1e-5)
+
+
+def test_prompt_plus_new_tokens_beyond_context_is_refused_with_numbers(engine):
+    with pytest.raises(ContextOverflowError, match=r"prompt \(10 tokens\) \+ max-new-tokens \(60\) = 70 exceeds "
+                                                    r"the model's context of 64 tokens"):
+        next(engine.stream(PROMPT, Request(max_new_tokens=60)))
+
+
+@pytest.mark.parametrize("pieces, stops, expected_text, stopped", [
+    (["Hel", "lo wor", "ld"], ("wor",), "Hello ", True),
+    (["a", "b", "c"], ("bd",), "abc", False),
+    (["x<", "/s", ">y"], ("</s>",), "x", True),
+    (["one", " two"], ("three", "two"), "one ", True),
+])
+def test_stop_matcher_spans_pieces_and_hides_the_stop(pieces, stops, expected_text, stopped):
+    m = StopMatcher(stops)
+    out, hit = "", False
+    for piece in pieces:
+        text, hit = m.feed(piece)
+        out += text
+        if hit:
+            break
+    if not hit:
+        out += m.flush()
+    assert (out, hit) == (expected_text, stopped)
