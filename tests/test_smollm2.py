@@ -1,0 +1,56 @@
+"""The real SmolLM2-135M-Instruct checkpoint: our model against transformers on the same files, in fp32."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from llamacli.engine import Engine, Request
+from llamacli.weights import load_model
+
+pytestmark = [pytest.mark.slow, pytest.mark.parity]
+
+
+@pytest.fixture(scope="module")
+def models(smollm2_dir):
+    import transformers
+
+    ref = transformers.LlamaForCausalLM.from_pretrained(smollm2_dir, dtype=torch.float32).eval()
+    tok = transformers.AutoTokenizer.from_pretrained(smollm2_dir)
+    ours = load_model(smollm2_dir, dtype="float32", device="cpu")
+    return ours, ref, tok
+
+
+def chat_prompt(tok, text: str) -> list[int]:
+    ids = tok.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True, tokenize=True)
+    return list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
+
+
+def test_shape_is_smollm2(models):
+    ours, _, _ = models
+    cfg = ours.config
+    assert (cfg.n_layers, cfg.n_heads, cfg.n_kv_heads, cfg.dim, cfg.tie_embeddings) == (30, 9, 3, 576, True)
+    assert cfg.rope_theta == 100000.0
+
+
+@torch.no_grad()
+def test_logits_match_transformers(models):
+    ours, ref, tok = models
+    ids = torch.tensor([chat_prompt(tok, "What is the capital of France? Answer in one sentence.")])
+    expected = ref(ids).logits
+    got = ours(ids)
+    diff = (got - expected).abs().max().item()
+    print(f"\nSmolLM2-135M-Instruct fp32: max |logit diff| vs transformers = {diff:.2e} over {ids.shape[1]} positions")
+    assert diff < 1e-4
+
+
+@torch.no_grad()
+def test_32_greedy_tokens_equal_transformers(models):
+    ours, ref, tok = models
+    prompt = chat_prompt(tok, "Write a haiku about the sea.")
+    expected = ref.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+                            max_new_tokens=32, min_new_tokens=32, do_sample=False,
+                            pad_token_id=tok.pad_token_id or 0)[0, len(prompt):].tolist()
+    got = Engine(ours).generate(prompt, Request(max_new_tokens=32, ignore_eos=True)).token_ids
+    assert len(expected) == 32
+    assert got == expected
