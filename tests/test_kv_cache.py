@@ -1,0 +1,50 @@
+"""The KV cache: sizing, overflow before compute, per-row writes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from llamacli.config import LlamaConfig
+from llamacli.errors import ContextOverflowError
+from llamacli.kv_cache import KVCache, cache_bytes
+
+CFG = LlamaConfig(dim=64, n_layers=3, n_heads=4, n_kv_heads=2, head_dim=16, ffn_dim=128, vocab_size=100,
+                  max_seq_len=32)
+
+
+def test_size_is_known_before_allocation():
+    expected = cache_bytes(CFG, 2, 20, torch.float32)
+    assert expected == 2 * 3 * 2 * 16 * 4 * 2 * 20
+    assert KVCache(CFG, 2, 20).nbytes == expected
+
+
+def test_for_request_caps_at_context_and_refuses_long_prompts():
+    assert KVCache.for_request(CFG, 10, 100).max_seq_len == 32
+    assert KVCache.for_request(CFG, 10, 5).max_seq_len == 15
+    with pytest.raises(ContextOverflowError, match="the prompt has 40 tokens but the model's context is 32"):
+        KVCache.for_request(CFG, 40, 1)
+
+
+def test_overflow_names_the_numbers():
+    cache = KVCache(CFG, 1, 8)
+    with pytest.raises(ContextOverflowError, match="writing 3 tokens at position 6 needs 9 positions, but the KV cache holds 8"):
+        cache.check(6, 3, 1)
+
+
+def test_overflow_is_raised_before_any_compute(tiny_dir):
+    from llamacli.weights import load_model
+
+    model = load_model(tiny_dir, device="cpu")
+    cache = KVCache(model.config, 1, 4)
+    with pytest.raises(ContextOverflowError):
+        model(torch.tensor([[1, 2, 3, 4, 5]]), 0, cache)
+    assert all(float(k.abs().sum()) == 0 for k in cache.keys)  # nothing was written
+
+
+def test_per_row_update_writes_each_row_at_its_position():
+    cache = KVCache(CFG, 2, 8)
+    k = torch.randn(2, 2, 1, 16)
+    keys, _ = cache.update(0, torch.tensor([3, 5]), k, k, end=6)
+    assert torch.equal(cache.keys[0][0, :, 3], k[0, :, 0]) and torch.equal(cache.keys[0][1, :, 5], k[1, :, 0])
+    assert keys.shape == (2, 2, 6, 16)
