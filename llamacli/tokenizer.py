@@ -402,7 +402,11 @@ class StreamDecoder:
         if piece:
             self._context, self._context_text = self._pending, self._decode(self._pending)
             self._pieces.append(piece)
-        self._pending = []
+            self._pending = []
+        elif self._pieces or force:
+            # Ids with no text of their own (skipped special tokens) do not change what follows once some
+            # text is out. Before that they may: SentencePiece's first "▁" is dropped only at the very start.
+            self._pending = []
         return piece
 
     def add(self, token_id: int) -> str:
