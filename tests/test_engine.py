@@ -91,3 +91,49 @@ def test_stop_matcher_spans_pieces_and_hides_the_stop(pieces, stops, expected_te
     if not hit:
         out += m.flush()
     assert (out, hit) == (expected_text, stopped)
+
+
+@pytest.fixture(scope="module")
+def smol(smollm2_dir):
+    return Engine.load(smollm2_dir, dtype="float32", device="cpu")
+
+
+@pytest.mark.slow
+def test_streamed_text_equals_decode_of_ids(smol):
+    ids = smol.chat_ids([{"role": "user", "content": "List three fruits, with emoji."}])
+    events = list(smol.stream(ids, Request(max_new_tokens=40)))
+    finished = events[-1]
+    streamed = "".join(e.text for e in events[:-1])
+    assert streamed == finished.text
+    assert finished.text == smol.tokenizer.decode(finished.token_ids, skip_special_tokens=True)
+
+
+@pytest.mark.slow
+def test_chat_session_reuses_cache_and_matches_a_fresh_run(smol):
+    from llamacli.engine import ChatSession
+
+    req = Request(max_new_tokens=24)
+    chat = ChatSession(smol, system="You are brief.", max_context=1024)
+    first = [e for e in chat.turn("Name a color.", req)][-1]
+    second = [e for e in chat.turn("Name another one.", req)][-1]
+    # A fresh run over the whole conversation gives the same reply ...
+    conversation = [{"role": "system", "content": "You are brief."},
+                    {"role": "user", "content": "Name a color."},
+                    {"role": "assistant", "content": first.text},
+                    {"role": "user", "content": "Name another one."}]
+    fresh_ids = smol.chat_ids(conversation)
+    fresh = smol.generate(fresh_ids, req)
+    assert second.token_ids == fresh.token_ids
+    # ... while turn 2 prefilled only what was not already in the cache.
+    assert second.stats.prompt_tokens == len(fresh_ids)
+    assert 0 < second.stats.prefill_tokens < len(fresh_ids) - first.stats.prompt_tokens + 8
+    assert first.stats.prefill_tokens == first.stats.prompt_tokens
+
+
+@pytest.mark.slow
+def test_chat_session_overflow_tells_about_reset(smol):
+    from llamacli.engine import ChatSession
+
+    chat = ChatSession(smol, max_context=40)
+    with pytest.raises(ContextOverflowError, match="use /reset"):
+        list(chat.turn("Tell me a long story about a dragon.", Request(max_new_tokens=32)))
