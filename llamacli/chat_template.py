@@ -50,6 +50,15 @@ def load_chat_template(folder, override_file=None) -> str | None:
     return template if isinstance(template, str) else None
 
 
+def require_chat_template(folder, override_file=None) -> str:
+    """The chat template (as `load_chat_template`), or a TokenizerError that says what to do without one."""
+    template = load_chat_template(folder, override_file)
+    if template is None:
+        raise TokenizerError(f"{folder} has no chat template (no chat_template.jinja, no chat_template in "
+                             "tokenizer_config.json): pass --chat-template FILE, or --raw to send the text as is")
+    return template
+
+
 class _TemplateRaised(jinja2.exceptions.TemplateError):
     """The template called raise_exception(message)."""
 
@@ -150,6 +159,10 @@ def render_chat(template: str, messages: list[dict], *, bos_token, eos_token, ad
         raise TokenizerError(f"chat template tried an unsafe operation and was stopped: {exc}") from exc
     except jinja2.exceptions.TemplateError as exc:
         raise TokenizerError(f"chat template failed: {exc}") from exc
-    except (TypeError, ValueError, KeyError, AttributeError, IndexError, ZeroDivisionError, OverflowError,
+    except TypeError as exc:
+        if "no loader" in str(exc):  # {% include %}, {% import %}, {% extends %}: there is no loader, on purpose
+            raise TokenizerError("chat template tried to include or import a file, which is not allowed") from exc
+        raise TokenizerError(f"chat template failed: TypeError: {exc}") from exc
+    except (ValueError, KeyError, AttributeError, IndexError, ZeroDivisionError, OverflowError,
             RecursionError) as exc:
         raise TokenizerError(f"chat template failed: {type(exc).__name__}: {exc}") from exc
