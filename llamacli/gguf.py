@@ -356,16 +356,30 @@ def _write_weights(reader, config: dict, out: Path, dtype: str, progress: Progre
     metadata = {"format": "pt"}
     if len(shards) == 1:
         save_file(shards[0], str(out / "model.safetensors"), metadata=metadata)
+        _make_readable(out / "model.safetensors")
         return
     weight_map, total_size = {}, 0
     for index, shard in enumerate(shards, 1):
         file = f"model-{index:05d}-of-{len(shards):05d}.safetensors"
         save_file(shard, str(out / file), metadata=metadata)
+        _make_readable(out / file)
         for name, weight in shard.items():
             weight_map[name] = file
             total_size += weight.numel() * weight.element_size()
     index_json = {"metadata": {"total_size": total_size}, "weight_map": weight_map}
     (out / "model.safetensors.index.json").write_text(json.dumps(index_json, indent=2) + "\n")
+
+
+def _make_readable(path: Path) -> None:
+    """safetensors writes 0600 files; give them the permissions the other files get (0666 less the umask)."""
+    umask = 0o022
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                umask = int(line.split()[1], 8)
+    except OSError:
+        pass
+    path.chmod(0o666 & ~umask)
 
 
 def _expected_shapes(config: dict) -> dict[str, tuple[int, ...]]:

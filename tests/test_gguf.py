@@ -359,6 +359,28 @@ def test_tiny_roundtrip_config_and_logits(tiny_llama_gguf, tmp_path):
     assert (got - want).abs().max().item() < 1e-5
 
 
+def test_large_models_are_sharded(tiny_llama_gguf, tmp_path, monkeypatch):
+    import llamacli.gguf as gguf_module
+
+    path, _, expected = tiny_llama_gguf
+    monkeypatch.setattr(gguf_module, "SHARD_BYTES", 64 * 1024)
+    out = convert_gguf(path, tmp_path / "out", dtype="float32")
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    files = sorted(set(index["weight_map"].values()))
+    assert len(files) > 2 and not (out / "model.safetensors").exists()
+    assert set(index["weight_map"]) == set(expected)
+    ids = torch.tensor([[1, 5, 9, 200]])
+    import transformers
+
+    reference = transformers.LlamaForCausalLM(transformers.LlamaConfig(**json.loads((out / "config.json").read_text())))
+    reference.load_state_dict({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in expected.items()})
+    with torch.no_grad():
+        want = reference.eval()(ids).logits
+    assert torch.allclose(converted_logits(out, ids), want, atol=1e-5)
+    mode = (out / "config.json").stat().st_mode & 0o777
+    assert all((out / f).stat().st_mode & 0o777 == mode for f in files)  # not safetensors' own 0600
+
+
 def test_tied_embeddings_have_no_lm_head(spm_model_bytes, tmp_path):
     vocab = spm_vocab(spm_model_bytes)
     model = tiny_hf_model(len(vocab["tokens"]), tie=True)
