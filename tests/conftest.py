@@ -86,3 +86,27 @@ def smollm2_dir() -> Path:
     from tests.smollm2 import smollm2_checkpoint
 
     return smollm2_checkpoint()
+
+
+def write_tiny_chat_checkpoint(path: Path, **overrides) -> Path:
+    """A tiny random checkpoint with a trained byte-level BPE tokenizer and a Llama-3 style chat template.
+
+    The model's vocabulary is the tokenizer's; BOS is <|begin_of_text|>, EOS <|eot_id|>; 256 positions.
+    """
+    from tokenizers import Tokenizer
+
+    from tests.tokenizer_assets import build_tiny_bpe
+
+    path.mkdir(parents=True, exist_ok=True)
+    build_tiny_bpe(path)
+    tok = Tokenizer.from_file(str(path / "tokenizer.json"))
+    kwargs = dict(vocab_size=tok.get_vocab_size(), max_position_embeddings=256,
+                  bos_token_id=tok.token_to_id("<|begin_of_text|>"), eos_token_id=tok.token_to_id("<|eot_id|>"))
+    write_tiny_checkpoint(path, **{**kwargs, **overrides})
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_chat_dir(tmp_path_factory) -> Path:
+    """A tiny checkpoint that generate/chat/perplexity can run end to end (tokenizer + chat template)."""
+    return write_tiny_chat_checkpoint(tmp_path_factory.mktemp("tiny-chat") / "ckpt")

@@ -1,0 +1,6 @@
+"""`python -m llamacli`: the same as the `llamacli` command."""
+
+from llamacli.cli import main
+
+if __name__ == "__main__":
+    main()
