@@ -28,7 +28,7 @@ import numpy as np
 from llamacli.errors import ConfigError, InputError, TokenizerError, UsageError, WeightsError
 
 # Bump when the output of a conversion changes, so cached conversions are redone.
-CONVERTER_VERSION = 1
+CONVERTER_VERSION = 2
 
 DTYPES = ("bfloat16", "float16", "float32")
 
@@ -135,6 +135,11 @@ def _metadata(reader) -> dict[str, Any]:
     return {name: field.contents() for name, field in reader.fields.items() if not name.startswith("GGUF.")}
 
 
+def _f32(value: Any) -> float:
+    """A float32 metadata value as the shortest decimal that round-trips (1e-05, not 9.999999747378752e-06)."""
+    return float(str(np.float32(value)))
+
+
 def _get(meta: dict, key: str, default: Any = None, *, required: bool = False) -> Any:
     if key in meta:
         return meta[key]
@@ -230,7 +235,7 @@ def _build_config(meta: dict, reader, tensor_names: set[str], dtype: str) -> tup
         raise ConfigError(f"GGUF value head size {value_dim} differs from key head size {head_dim}; not supported")
     if _get(meta, "llama.expert_count", 0):
         raise ConfigError("mixture-of-experts llama GGUF files are not supported")
-    theta = float(_get(meta, "llama.rope.freq_base", 10000.0))
+    theta = _f32(_get(meta, "llama.rope.freq_base", 10000.0))
     tokens = _get(meta, "tokenizer.ggml.tokens") or []
     vocab_size = int(_get(meta, "llama.vocab_size", 0) or len(tokens))
     if not vocab_size:
@@ -248,7 +253,7 @@ def _build_config(meta: dict, reader, tensor_names: set[str], dtype: str) -> tup
         "head_dim": head_dim,
         "hidden_act": "silu",
         "max_position_embeddings": int(_get(meta, "llama.context_length", 2048)),
-        "rms_norm_eps": float(_get(meta, "llama.attention.layer_norm_rms_epsilon", 1e-5)),
+        "rms_norm_eps": _f32(_get(meta, "llama.attention.layer_norm_rms_epsilon", 1e-5)),
         "rope_theta": theta,
         "rope_scaling": _rope_scaling(meta, tensor_names, reader, head_dim, theta),
         "attention_bias": False,
