@@ -269,15 +269,29 @@ def _default_max_new_tokens(generation: dict, room: int) -> int:
     return max(1, min(int(wanted), room))
 
 
+def _resolve(model: str, revision, dtype: _Dtype) -> Path:
+    """resolve_model, with a progress bar on stderr when a GGUF file is converted (once; cached after)."""
+    from llamacli.sources import resolve_model
+
+    if not model.lower().endswith(".gguf"):
+        return resolve_model(model, revision, dtype=dtype.value)  # hub downloads show huggingface_hub's bar
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    with Progress(TextColumn("converting GGUF (once)"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  console=_stderr(), transient=True) as bar:
+        task = bar.add_task("", total=None)
+        return resolve_model(model, revision, dtype=dtype.value,
+                             progress=lambda done, total, name: bar.update(task, completed=done, total=total))
+
+
 def _load_engine(model: str, revision, dtype: _Dtype, device: _Device, tokenizer=None, chat_template=None):
     """Resolve --model and load the engine; returns (engine, folder, seconds spent loading)."""
     import time
 
     from llamacli.engine import Engine
-    from llamacli.sources import resolve_model
 
     t0 = time.perf_counter()
-    folder = resolve_model(model, revision, dtype=dtype.value)
+    folder = _resolve(model, revision, dtype)
     engine = Engine.load(folder, dtype=dtype.value, device=device.value, tokenizer=tokenizer,
                          chat_template=chat_template)
     return engine, folder, time.perf_counter() - t0
@@ -659,9 +673,8 @@ def inspect_command(
     """Describe a checkpoint from its config and safetensors headers, without loading any weights."""
     with _errors():
         from llamacli.inspect import inspect_checkpoint
-        from llamacli.sources import resolve_model
 
-        info = inspect_checkpoint(resolve_model(model, revision, dtype=dtype.value), dtype=dtype.value)
+        info = inspect_checkpoint(_resolve(model, revision, dtype), dtype=dtype.value)
     if as_json:
         import json
 

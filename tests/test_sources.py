@@ -121,6 +121,17 @@ def test_real_gguf_converts_once_and_runs(tmp_path, monkeypatch):
     out = engine.generate(engine.raw_ids("Hello world"), Request(max_new_tokens=3, ignore_eos=True))
     assert len(out.token_ids) == 3
 
+    from typer.testing import CliRunner
+
+    from llamacli.cli import app
+
+    cli = CliRunner().invoke(app, ["generate", "--model", str(src), "--dtype", "float32", "--raw", "--prompt",
+                                   "Hello world", "-n", "3", "--ignore-eos", "--json"])
+    assert cli.exit_code == 0, cli.stderr
+    assert json.loads(cli.stdout)["token_ids"] == out.token_ids
+    inspected = CliRunner().invoke(app, ["inspect", "--model", str(src), "--dtype", "float32", "--json"])
+    assert json.loads(inspected.stdout)["path"] == str(first)
+
 
 def test_hub_repo_resolves_from_the_offline_cache(offline_hub):
     folder = resolve_model("acme/tiny")
