@@ -7,9 +7,10 @@ them; `ChatSession` keeps a conversation and its cache across turns, prefilling 
 from __future__ import annotations
 
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import Iterable, Iterator
 
 import torch
 
@@ -286,6 +287,11 @@ class Engine:
                 return event
         raise AssertionError("stream ended without Finished")
 
+    def stream_batch(self, items: Iterable[tuple[object, list[int], Request]],
+                     batch_size: int = 8) -> Iterator[tuple[object, Finished]]:
+        """Generate for many (key, prompt_ids, request) with continuous batching (see `BatchDecoder`)."""
+        return BatchDecoder(self, batch_size).run(items)
+
 
 class ChatSession:
     """A conversation whose KV cache lives across turns: each turn prefills only ids new since the cache."""
@@ -342,3 +348,173 @@ class ChatSession:
         self.messages.append({"role": "assistant", "content": finished.text})
         # The last sampled token was never fed to the model, so its keys/values are not in the cache.
         self.cached_ids = ids + finished.token_ids[:-1]
+
+
+# =============================================================================================================
+# Batched decoding (issue 5): continuous batching of many prompts through one preallocated KV cache.
+#
+# Each slot is a row of the cache. A new prompt is prefilled alone into a free slot (a batch-of-1 forward on
+# `cache.rows(i, i + 1)`), then every active slot advances one token per step in a single forward with per-row
+# positions (the model's mask hides each row's stale cache entries). Rows sample with their own generator and
+# stop on their own (eos ids, stop strings, their max_new_tokens); a finished slot takes the next waiting prompt
+# at once, and when none is left the last active row moves into the hole so the active rows stay 0..n-1.
+# =============================================================================================================
+
+
+class _Row:
+    """One prompt being generated for in a batch slot: the per-row half of `Engine.stream`'s loop."""
+
+    def __init__(self, engine: Engine, key, prompt_ids: list[int], request: Request):
+        self.key = key
+        self.request = request
+        self.params = request.sampling
+        # The greedy rows without a repetition penalty take a batched argmax; the others go through `sample`.
+        self.plain_greedy = self.params.greedy and self.params.repetition_penalty == 1.0
+        self.generator = None if self.params.greedy else make_generator(request.seed)
+        self.seen = None
+        if self.params.repetition_penalty != 1.0:
+            self.seen = torch.zeros(engine.config.vocab_size, dtype=torch.bool)
+            self.seen[torch.tensor(prompt_ids)] = True
+        self.stop_ids = frozenset() if request.ignore_eos else engine.eos_ids
+        tok = engine.tokenizer
+        self.decoder = tok.stream_decoder(skip_special_tokens=True) if tok is not None else None
+        self.matcher = StopMatcher(request.stop)
+        self.out_ids: list[int] = []
+        self.logprobs: list[float] | None = [] if request.logprobs else None
+        self.text_parts: list[str] = []
+        self.stats = Stats(prompt_tokens=len(prompt_ids), prefill_tokens=len(prompt_ids))
+        self.pos = len(prompt_ids)  # where the last sampled token goes when it is fed back
+        self.reason: str | None = None  # set when the row is done
+        self.hit = False
+        self.t0 = time.perf_counter()
+        self.t_first = 0.0
+
+    def pick(self, row: torch.Tensor, greedy_token: int | None) -> int:
+        """The next token from this row's fp32 logits (V,); greedy_token is the batched argmax, if computed."""
+        if self.plain_greedy and greedy_token is not None:
+            return greedy_token
+        return sample(row, self.params, self.generator, self.seen)
+
+    def accept(self, token: int, logprob: float | None) -> bool:
+        """Record a sampled token; return True when the row is done (and then `reason` is set)."""
+        if not self.out_ids:
+            self.t_first = time.perf_counter()
+            self.stats.prefill_s = self.stats.ttft_s = self.t_first - self.t0
+        self.out_ids.append(token)
+        if self.logprobs is not None:
+            self.logprobs.append(logprob)
+        if self.seen is not None:
+            self.seen[token] = True
+        stopped = token in self.stop_ids
+        piece = "" if (stopped or self.decoder is None) else self.decoder.add(token)
+        piece, self.hit = self.matcher.feed(piece)
+        self.text_parts.append(piece)
+        if stopped or self.hit:
+            self.reason = "stop"
+        elif len(self.out_ids) >= self.request.max_new_tokens:
+            self.reason = "length"
+        return self.reason is not None
+
+    def finish(self) -> Finished:
+        """The Finished event, with the text the decoder and stop matcher held back (as `Engine.stream`)."""
+        if not self.hit:  # after a stop string, everything past it is dropped
+            tail, hit = self.matcher.feed(self.decoder.flush() if self.decoder is not None else "")
+            if not hit:
+                tail += self.matcher.flush()
+            elif self.reason == "length":
+                self.reason = "stop"
+            self.text_parts.append(tail)
+        self.stats.generated_tokens = len(self.out_ids)
+        self.stats.decode_s = time.perf_counter() - self.t_first
+        return Finished(self.reason, "".join(self.text_parts), self.out_ids, self.logprobs, self.stats)
+
+
+class BatchDecoder:
+    """Continuous batching over one engine: `run(items)` yields (key, Finished) for each item as it finishes."""
+
+    def __init__(self, engine: Engine, batch_size: int = 8):
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise UsageError(f"batch-size must be an integer >= 1, got {batch_size!r}")
+        self.engine = engine
+        self.batch_size = batch_size
+        self.steps = 0  # batched decode forwards run (for tests and benchmarks)
+        self.max_active = 0  # the most rows decoded together in one step
+
+    @torch.inference_mode()
+    def run(self, items: Iterable[tuple[object, list[int], Request]]) -> Iterator[tuple[object, Finished]]:
+        """Generate for every (key, prompt_ids, request); yield (key, Finished) in the order rows finish.
+
+        Every item is checked against the context first (ContextOverflowError before anything runs); the
+        cache is sized batch_size x the longest prompt + max_new_tokens over the items.
+        """
+        engine = self.engine
+        waiting = deque(items)
+        if not waiting:
+            return
+        for _, ids, req in waiting:
+            engine.check_fits(len(ids), req.max_new_tokens)
+        n_positions = max(len(ids) + req.max_new_tokens for _, ids, req in waiting)
+        max_batch = min(self.batch_size, len(waiting))
+        cache = engine.new_cache(n_positions, max_batch=max_batch)
+        slots: list[_Row] = []  # active rows, slot i = cache row i
+
+        while waiting or slots:
+            # Fill free slots; a row can finish on its first token (eos, max_new_tokens 1, a stop string).
+            while waiting and len(slots) < max_batch:
+                row = self._admit(waiting.popleft(), cache, len(slots))
+                if row.reason is not None:
+                    yield row.key, row.finish()
+                else:
+                    slots.append(row)
+            if not slots:
+                break
+            done = self._step(slots, cache)
+            for i in sorted(done, reverse=True):
+                row = slots[i]
+                yield row.key, row.finish()
+                last = slots.pop()
+                if last is not row:  # keep active rows contiguous: the last one moves into the hole
+                    self._move(cache, len(slots), i, last.pos)
+                    slots[i] = last
+
+    def _admit(self, item, cache: KVCache, slot: int) -> _Row:
+        """Prefill one prompt alone into cache row `slot` and sample its first token."""
+        key, ids, req = item
+        row = _Row(self.engine, key, ids, req)
+        logits = self.engine.model(torch.tensor([ids], device=self.engine.device), 0, cache.rows(slot, slot + 1),
+                                   last_only=True)[0, -1].float().cpu()
+        token = row.pick(logits, None)
+        lp = float(torch.log_softmax(logits, dim=-1)[token]) if row.logprobs is not None else None
+        row.accept(token, lp)
+        return row
+
+    def _step(self, slots: list[_Row], cache: KVCache) -> list[int]:
+        """One decode forward for every active row; return the indices of the rows that finished."""
+        engine = self.engine
+        n = len(slots)
+        self.steps += 1
+        self.max_active = max(self.max_active, n)
+        positions = [r.pos for r in slots]
+        tokens = torch.tensor([[r.out_ids[-1]] for r in slots], device=engine.device)  # (n, 1)
+        # Rows all at one position need no mask (and then match a single-row forward bit for bit).
+        start = positions[0] if min(positions) == max(positions) else torch.tensor(positions, device=engine.device)
+        logits = engine.model(tokens, start, cache)[:, -1].float().cpu()  # (n, V)
+        greedy = None
+        if any(r.plain_greedy for r in slots):
+            greedy = torch.argmax(logits, dim=-1).tolist()
+        logprobs = torch.log_softmax(logits, dim=-1) if any(r.logprobs is not None for r in slots) else None
+        done = []
+        for i, row in enumerate(slots):
+            token = row.pick(logits[i], greedy[i] if greedy is not None else None)
+            lp = float(logprobs[i, token]) if row.logprobs is not None else None
+            row.pos += 1
+            if row.accept(token, lp):
+                done.append(i)
+        return done
+
+    @staticmethod
+    def _move(cache: KVCache, src: int, dst: int, n_positions: int) -> None:
+        """Copy cache row src's first n_positions keys/values into row dst (every layer)."""
+        for keys, values in zip(cache.keys, cache.values):
+            keys[dst, :, :n_positions] = keys[src, :, :n_positions]
+            values[dst, :, :n_positions] = values[src, :, :n_positions]
