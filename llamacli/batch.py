@@ -65,20 +65,37 @@ class BatchDefaults:
     raw: bool = False
     logprobs: bool = False
     ignore_eos: bool = False
+    # When max_new_tokens is only a default (not asked for), a row gets at most what its context has left,
+    # as single-prompt generate does; a row's own max_new_tokens is never cut.
+    cap_to_context: bool = False
 
     def __post_init__(self):
         object.__setattr__(self, "stop", tuple(self.stop))
         if self.seed is not None:
             _check_seed(self.seed)
+        if self.raw and self.system is not None:
+            raise UsageError("--system needs the chat template; it cannot be used with --raw")
         self.request({})  # raises UsageError for a bad default, before any model is loaded
 
-    def request(self, overrides: dict):
+    @classmethod
+    def from_request(cls, request, *, raw: bool = False, system: str | None = None,
+                     cap_to_context: bool = False) -> "BatchDefaults":
+        """Defaults from a single-prompt engine Request (what the CLI builds from its options)."""
+        p = request.sampling
+        return cls(max_new_tokens=request.max_new_tokens, temperature=p.temperature, top_p=p.top_p, top_k=p.top_k,
+                   min_p=p.min_p, repetition_penalty=p.repetition_penalty, seed=request.seed, stop=request.stop,
+                   system=system, raw=raw, logprobs=request.logprobs, ignore_eos=request.ignore_eos,
+                   cap_to_context=cap_to_context)
+
+    def request(self, overrides: dict, prompt_len: int = 0, context: int | None = None):
         """The engine Request for a row with these overrides (UsageError on a bad value)."""
         from llamacli.engine import Request
         from llamacli.sampling import SamplingParams
 
         o = {**{k: getattr(self, k) for k in ("max_new_tokens", "temperature", "top_p", "top_k", "seed", "stop")},
              **overrides}
+        if self.cap_to_context and context is not None and "max_new_tokens" not in overrides:
+            o["max_new_tokens"] = max(1, min(o["max_new_tokens"], context - prompt_len))
         sampling = SamplingParams(temperature=o["temperature"], top_k=o["top_k"], top_p=o["top_p"],
                                   min_p=self.min_p, repetition_penalty=self.repetition_penalty)
         return Request(max_new_tokens=o["max_new_tokens"], sampling=sampling, seed=o["seed"], stop=tuple(o["stop"]),
@@ -330,7 +347,7 @@ def iter_results(engine, rows: list[Row], defaults: BatchDefaults, batch_size: i
         if error is None:
             try:
                 ids = prompt_ids(engine, row, defaults)
-                request = defaults.request(row.overrides)
+                request = defaults.request(row.overrides, len(ids), engine.config.context_length)
                 engine.check_fits(len(ids), request.max_new_tokens)
             except LlamaCliError as exc:
                 error = f"{row.where}: {exc}"

@@ -335,16 +335,63 @@ def _write(text: str) -> None:
     sys.stdout.flush()
 
 
-def _generate_batch(engine, *, prompts_file: Path, output: Optional[Path], batch_size: int, resume: bool,
-                    request, raw: bool, system: Optional[str], as_json: bool, stats: bool) -> None:
-    """PLACEHOLDER for issue 5 (batch.py): JSONL prompts in, JSONL results out. Replace this function whole.
+def _prepare_batch(prompts_file: Path, output: Optional[Path], resume: bool):
+    """Batch mode, before any model is loaded: read every input row and check the output can be written.
 
-    Called by `generate` when --prompts-file is given, with the loaded engine and the validated `Request`
-    (sampling, seed, stop strings, max_new_tokens; max_new_tokens is None when the user did not set it).
+    Returns (rows, done_ids, opener); an unreadable input or unwritable output raises InputError here.
     """
-    from llamacli.errors import UsageError
+    from llamacli.batch import prepare_output, read_rows
 
-    raise UsageError("batch generation is not available yet")
+    rows = read_rows(prompts_file)
+    done_ids, opener = prepare_output("-" if output is None else output, resume)
+    return rows, done_ids, opener
+
+
+def _generate_batch(engine, *, prompts_file: Path, output: Optional[Path], batch_size: int, resume: bool,
+                    request, raw: bool, system: Optional[str], as_json: bool, stats: bool,
+                    prepared=None, max_new_tokens_set: bool = True) -> None:
+    """Batch mode: one JSONL result per input row to --output (stdout by default), progress on stderr.
+
+    `request` carries the defaults (sampling, seed, stop strings, max_new_tokens, logprobs); when the user did
+    not set max_new_tokens, each row is capped to its context, as single generate does. Exit code 1 when a row
+    failed, 130 when interrupted (finished rows are kept: rerun with --resume).
+    """
+    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
+                               TimeRemainingColumn)
+
+    from llamacli.batch import BatchDefaults, run_batch
+
+    rows, done_ids, opener = prepared or _prepare_batch(prompts_file, output, resume)
+    defaults = BatchDefaults.from_request(request, raw=raw, system=system, cap_to_context=not max_new_tokens_set)
+    err = _stderr()
+    where = "stdout" if output is None or str(output) == "-" else str(output)
+    summary = None
+    with Progress(TextColumn("generating"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[tps]}"),
+                  TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(), console=err,
+                  transient=True) as bar:
+        task = bar.add_task("", total=None, tps="")
+
+        def progress(s, result: dict) -> None:
+            if "error" in result:
+                bar.console.print(f"error: {result['error']} (id {result['id']!r})", markup=False,
+                                  highlight=False)
+            bar.update(task, completed=s.done, total=s.total, tps=f"{s.tokens_per_s:.1f} tok/s")
+            nonlocal summary
+            summary = s
+
+        try:
+            with opener() as out:
+                summary = run_batch(engine, rows, defaults, out, batch_size, done_ids, on_progress=progress)
+        except KeyboardInterrupt:
+            done = summary.done if summary is not None else 0
+            bar.stop()
+            _note(f"interrupted: {done} rows written to {where}; run again with --resume to finish the rest")
+            raise typer.Exit(130) from None
+    skipped = f", {summary.skipped} skipped (already in the output)" if summary.skipped else ""
+    _note(f"batch: {summary.done} rows written to {where} ({summary.ok} ok, {summary.failed} failed){skipped}; "
+          f"{summary.generated_tokens} tokens in {summary.elapsed_s:.1f} s ({summary.tokens_per_s:.1f} tok/s)")
+    if summary.failed:
+        raise typer.Exit(1)
 
 
 @app.command()
@@ -378,7 +425,7 @@ def generate(
     logprobs: Annotated[bool, typer.Option(
         "--logprobs", help='With --json: add "logprobs", one per generated token.')] = False,
     prompts_file: Annotated[Optional[Path], typer.Option(
-        "--prompts-file", help="Batch mode: a JSONL file of prompts.", show_default=False,
+        "--prompts-file", help="Batch mode: a JSONL file of prompts (or text, one prompt per line); '-' = stdin.", show_default=False,
         rich_help_panel="Batch")] = None,
     output: Annotated[Optional[Path], typer.Option(
         "--output", "-o", help="Batch mode: the JSONL file to write (default: stdout).", show_default=False,
@@ -393,7 +440,7 @@ def generate(
         from llamacli.errors import UsageError
 
         _check_sampling(temperature, top_k, top_p, min_p, repetition_penalty)
-        if logprobs and not as_json:
+        if logprobs and not as_json and prompts_file is None:
             raise UsageError("--logprobs needs --json (log-probabilities are part of the JSON output)")
         if prompts_file is None:
             if output is not None or resume:
@@ -404,6 +451,8 @@ def generate(
 
         from llamacli.engine import Request
 
+        # Batch mode reads its input and checks its output before the (slow) model load.
+        prepared = _prepare_batch(prompts_file, output, resume) if prompts_file is not None else None
         engine, _, load_s = _load_engine(model, revision, dtype, device, tokenizer, chat_template)
         gen = engine.config.generation
         sampling = _sampling_params(gen, temperature, top_k, top_p, min_p, repetition_penalty)
@@ -412,7 +461,8 @@ def generate(
                               sampling=sampling, seed=seed, stop=tuple(stop or ()), ignore_eos=ignore_eos,
                               logprobs=logprobs)
             _generate_batch(engine, prompts_file=prompts_file, output=output, batch_size=batch_size,
-                            resume=resume, request=request, raw=raw, system=system, as_json=as_json, stats=stats)
+                            resume=resume, request=request, raw=raw, system=system, as_json=as_json, stats=stats,
+                            prepared=prepared, max_new_tokens_set=max_new_tokens is not None)
             return
         if raw:
             if system is not None:

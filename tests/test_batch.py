@@ -13,8 +13,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from typer.testing import CliRunner
 
 from llamacli.batch import BatchDefaults, generate_many, prepare_output, read_rows, run_batch
+from llamacli.cli import app
 from llamacli.engine import BatchDecoder, Engine, Request
 from llamacli.errors import ContextOverflowError, InputError, UsageError
 from llamacli.sampling import SamplingParams
@@ -354,6 +356,116 @@ def test_example_script_runs(chat_dir):
     assert proc.returncode == 0, proc.stderr
     lines = jsonl(proc.stdout)
     assert len(lines) >= 3 and all({"id", "text", "finish_reason"} <= set(r) for r in lines)
+
+
+# -- the CLI ---------------------------------------------------------------------------------------------------
+
+
+runner = CliRunner()
+
+
+def invoke(*args, input: str | None = None):
+    return runner.invoke(app, [str(a) for a in args], input=input)
+
+
+def cli_run(*args, input: str | None = None):
+    """llamacli in a fresh process, for real exit codes and the stdout/stderr split."""
+    return subprocess.run([sys.executable, "-m", "llamacli", *map(str, args)], capture_output=True, text=True,
+                          input=input, timeout=300, cwd=ROOT)
+
+
+def test_cli_batch_file_to_file_with_a_bad_row(engine, chat_dir, tmp_path):
+    src = write(tmp_path / "in.jsonl", '{"id": "a", "prompt": "Hello world"}\n{"id": "b", "prompt": 5}\n'
+                                       '{"prompt": "The quick brown fox", "max_new_tokens": 3}\n')
+    out = tmp_path / "out.jsonl"
+    result = invoke("generate", "--model", chat_dir, "--prompts-file", src, "--output", out, "-n", "6",
+                    "--batch-size", "2", "--logprobs")
+    assert result.exit_code == 1, result.stderr
+    assert "error: line 2: 'prompt' must be a string, got int (id 'b')" in result.stderr
+    assert "batch: 3 rows written to " in result.stderr and "(2 ok, 1 failed)" in result.stderr
+    assert result.stdout == ""
+    by_id = {r["id"]: r for r in jsonl(out.read_text(encoding="utf-8"))}
+    for rid, text, n in (("a", "Hello world", 6), (3, "The quick brown fox", 3)):
+        single = engine.generate(engine.chat_ids([{"role": "user", "content": text}]),
+                                 Request(max_new_tokens=n, logprobs=True))
+        assert by_id[rid]["token_ids"] == single.token_ids and by_id[rid]["text"] == single.text
+        assert by_id[rid]["logprobs"] == pytest.approx(single.logprobs, abs=1e-5)
+
+
+def test_cli_stdin_plain_text_to_stdout_with_defaults(engine, chat_dir):
+    result = invoke("generate", "--model", chat_dir, "--prompts-file", "-", "-n", "4", "--raw",
+                    "--temperature", "0.8", "--seed", "5", input="Hello world\n\nHow are you today?\n")
+    assert result.exit_code == 0, result.stderr
+    rows = jsonl(result.stdout)
+    assert [r["id"] for r in sorted(rows, key=lambda r: r["id"])] == [1, 3]
+    req = Request(max_new_tokens=4, sampling=SamplingParams(temperature=0.8), seed=5)
+    for r in rows:
+        text = {1: "Hello world", 3: "How are you today?"}[r["id"]]
+        assert r["token_ids"] == engine.generate(engine.raw_ids(text), req).token_ids
+    assert "batch: 2 rows written to stdout (2 ok, 0 failed)" in result.stderr
+
+
+def test_cli_default_max_new_tokens_is_capped_to_each_rows_context(chat_dir, tmp_path):
+    long_prompt = "Numbers: 0 1 2 3 12 123 1234 " * 6
+    src = write(tmp_path / "in.txt", long_prompt + "\n")
+    result = invoke("generate", "--model", chat_dir, "--prompts-file", src, "--raw", "--ignore-eos")
+    assert result.exit_code == 0, result.stderr
+    (row,) = jsonl(result.stdout)
+    assert row["prompt_tokens"] + len(row["token_ids"]) == 128 and row["finish_reason"] == "length"
+
+
+def test_cli_resume_generates_only_the_missing_rows(chat_dir, tmp_path):
+    src = write(tmp_path / "in.jsonl", "".join(json.dumps({"id": f"q{i}", "prompt": f"question {i}"}) + "\n"
+                                               for i in range(3)))
+    out = tmp_path / "out.jsonl"
+    first = invoke("generate", "--model", chat_dir, "--prompts-file", src, "-o", out, "-n", "3")
+    assert first.exit_code == 0, first.stderr
+    before = out.read_text(encoding="utf-8")
+    with open(src, "a", encoding="utf-8") as f:
+        f.write(json.dumps({"id": "q3", "prompt": "question 3"}) + "\n" + '{"prompt": "question 4"}\n')
+    second = invoke("generate", "--model", chat_dir, "--prompts-file", src, "-o", out, "-n", "3", "--resume")
+    assert second.exit_code == 0, second.stderr
+    assert "3 skipped (already in the output)" in second.stderr
+    after = out.read_text(encoding="utf-8")
+    assert after.startswith(before)
+    assert sorted(str(r["id"]) for r in jsonl(after)) == ["5", "q0", "q1", "q2", "q3"]
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (["--prompts-file", "{tmp}/missing.jsonl"], "prompts file not found"),
+    (["--prompts-file", "{src}", "-o", "{tmp}/no/dir/out.jsonl"], "does not exist"),
+    (["--prompts-file", "{src}", "-o", "{tmp}"], "output path is a directory"),
+])
+def test_cli_bad_input_or_output_fails_before_the_model_loads(args, fragment, tmp_path):
+    src = write(tmp_path / "in.jsonl", '{"prompt": "hi"}\n')
+    args = [a.format(tmp=tmp_path, src=src) for a in args]
+    # The model does not exist: the error must come from the batch files, checked first.
+    result = invoke("generate", "--model", tmp_path / "no-such-model", *args)
+    assert result.exit_code == 1
+    assert fragment in result.stderr and "no-such-model" not in result.stderr
+
+
+def test_cli_batch_usage_errors(chat_dir, tmp_path):
+    src = write(tmp_path / "in.txt", "hi\n")
+    result = invoke("generate", "--model", chat_dir, "--prompts-file", src, "--raw", "--system", "s")
+    assert result.exit_code == 2 and "--system needs the chat template" in result.stderr
+    result = invoke("generate", "--model", chat_dir, "--prompts-file", src, "--resume")
+    assert result.exit_code == 2 and "--resume needs an --output file" in result.stderr
+
+
+def test_cli_exit_codes_in_a_subprocess(chat_dir, tmp_path):
+    good = write(tmp_path / "good.jsonl", '{"prompt": "Hello"}\n{"prompt": "World"}\n')
+    proc = cli_run("generate", "--model", chat_dir, "--prompts-file", good, "-n", "3")
+    assert proc.returncode == 0, proc.stderr
+    assert len(jsonl(proc.stdout)) == 2 and "(2 ok, 0 failed)" in proc.stderr
+    bad = write(tmp_path / "bad.jsonl", '{"prompt": "Hello"}\n{"oops": true}\n')
+    out = tmp_path / "out.jsonl"
+    proc = cli_run("generate", "--model", chat_dir, "--prompts-file", bad, "-o", out, "-n", "3")
+    assert proc.returncode == 1
+    assert "error: line 2: has neither 'prompt' nor 'messages' (id 2)" in proc.stderr and proc.stdout == ""
+    rows = {r["id"]: r for r in jsonl(out.read_text(encoding="utf-8"))}
+    assert rows[2] == {"id": 2, "error": "line 2: has neither 'prompt' nor 'messages'"}
+    assert len(rows[1]["token_ids"]) <= 3
 
 
 # -- SmolLM2 -------------------------------------------------------------------------------------------------
