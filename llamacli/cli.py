@@ -229,6 +229,11 @@ class _errors:
 
         if exc is None or isinstance(exc, (typer.Exit, typer.Abort, TyperException)):
             return False
+        if isinstance(exc, BrokenPipeError):  # the reader went away (`| head`): stop quietly, as Python's docs say
+            import os
+
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            raise typer.Exit(1) from None
         if not isinstance(exc, Exception) or _state["debug"]:
             return False
         raise _fail(exc) from None

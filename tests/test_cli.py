@@ -704,6 +704,25 @@ def test_generate_in_a_subprocess_splits_stdout_and_stderr(tiny_chat_dir):
     assert plain.stderr.startswith("stats: ") and plain.stderr.count("\n") == 1
 
 
+def test_a_closed_stdout_ends_generate_quietly(tmp_path):
+    """`llamacli generate ... | head -c 3`: no traceback and no error line when the reader goes away."""
+    from tests.conftest import write_tiny_chat_checkpoint
+
+    folder = write_tiny_chat_checkpoint(tmp_path / "long", max_position_embeddings=4096)
+    proc = subprocess.Popen([sys.executable, "-m", "llamacli", "generate", "--model", str(folder), "--raw",
+                             "--prompt", PROMPT, "-n", "4000", "--ignore-eos"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        assert os.read(proc.stdout.fileno(), 3)
+        proc.stdout.close()
+        err = proc.stderr.read()
+        proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 1 and err == b""
+
+
 @pytest.mark.parametrize("args, code, fragment", [
     (["generate", "--model", "{bad}", "--prompt", "x"], 1, "no config.json"),
     (["generate", "--model", "{model}", "--prompt", "x", "--top-p", "2"], 2, "top-p must be in (0, 1]"),
