@@ -113,6 +113,23 @@ class Llama(nn.Module):
             self.lm_head.weight = self.model.embed_tokens.weight
         self._cos: torch.Tensor | None = None
         self._sin: torch.Tensor | None = None
+        self._fused: _Fused | None = None
+
+    def fuse_projections(self) -> "Llama":
+        """Fuse q/k/v and gate/up into one matrix each, in the layout the device multiplies fastest.
+
+        The HF-named parameters (`q_proj.weight`, ...) stay, as views into the fused storage, so names,
+        shapes, values and the tied embedding are unchanged and no memory is duplicated. Call it after
+        the model has its final dtype and device (`load_model` does); moving the model afterwards makes
+        the forward fuse again. `unfuse_projections()` goes back to the module-by-module reference path.
+        """
+        self._fused = _Fused.build(self)
+        return self
+
+    def unfuse_projections(self) -> "Llama":
+        """Use the module-by-module reference forward again (parameters keep their values)."""
+        self._fused = None
+        return self
 
     def _rope(self, positions: torch.Tensor | int, T: int, end: int, device: torch.device):
         """cos/sin for the tokens at `positions`, shaped to broadcast over (B, heads, T, head_dim)."""
@@ -147,6 +164,10 @@ class Llama(nn.Module):
             if not (isinstance(start_pos, int) and start_pos == 0):
                 raise ValueError("a forward without a cache must start at position 0")
             end = T
+        if self._fused is not None:
+            if not self._fused.matches(self):  # moved or cast since fusing: fuse the new weights again
+                self.fuse_projections()
+            return self._fused.forward(self, tokens, start_pos, cache, end, last_only)
         dtype = self.model.embed_tokens.weight.dtype
         cos, sin = self._rope(start_pos, T, end, device)
         cos, sin = cos.to(dtype), sin.to(dtype)
@@ -173,3 +194,160 @@ def _causal_mask(start_pos: int | torch.Tensor, T: int, end: int, device: torch.
         return keys[None, :] <= queries[:, None]  # (T, end)
     queries = start_pos[:, None] + torch.arange(T, device=device)  # (B, T)
     return (keys[None, None, :] <= queries[:, :, None])[:, None]  # (B, 1, T, end)
+
+
+# -- the fast path --------------------------------------------------------------------------------------
+#
+# Decoding one token reads every weight once, so its speed is memory bandwidth plus Python overhead per
+# operation. The fast path therefore: multiplies one fused matrix for q/k/v and one for gate/up; keeps
+# the residual stream 2-D (B*T, dim); rotates q and k in one operation; calls plain functions instead of nested modules; and stores fp32 CPU weights transposed
+# (in, out), because x @ W with W contiguous that way reads memory about twice as fast as x @ W.T on one
+# row (measured: benchmarks/bench_vs_transformers.py). Half-precision weights on a CPU are multiplied
+# as they are for a few rows (half the bytes to read) and in fp32 for many rows (prefill, big batches),
+# where CPU half-precision matrix products are slow.
+
+HALF_ROWS_MAX = 16  # on CPU, half-precision weights compute in half for at most this many rows at once
+
+
+def _mm(x: torch.Tensor, w_t: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """x (N, in) @ w_t (in, out) [+ bias], upcasting half weights when x is fp32."""
+    if w_t.dtype != x.dtype:
+        w_t = w_t.to(x.dtype)
+        bias = bias.to(x.dtype) if bias is not None else None
+    if bias is None:
+        return torch.mm(x, w_t)
+    return torch.addmm(bias, x, w_t)
+
+
+def _mm_add(residual: torch.Tensor, x: torch.Tensor, w_t: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """residual + (x @ w_t [+ bias]).
+
+    Not folded into one addmm: BLAS then adds the residual inside the reduction, which changes the
+    rounding (6e-5 on SmolLM2's logits); added after, the fast path matches transformers bit for bit.
+    """
+    return residual + _mm(x, w_t, bias)
+
+
+def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm as transformers computes it: in fp32, cast back, then scaled."""
+    if x.dtype == torch.float32 and weight.dtype == torch.float32:
+        return F.rms_norm(x, weight.shape, weight, eps)  # one kernel, same bits as the steps below in fp32
+    dtype = x.dtype
+    x32 = x.float()
+    x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * x32.to(dtype)
+
+
+class _Layer:
+    """One block's tensors for the fast path; weights are (in, out) views or contiguous tensors."""
+
+    __slots__ = ("ln1", "qkv", "qkv_b", "o", "o_b", "ln2", "gate_up", "gate_up_b", "down", "down_b")
+
+    def __init__(self, **kw):
+        for k, v in kw.items():
+            setattr(self, k, v)
+
+
+class _Fused:
+    """Fused weights of a Llama and the forward that uses them."""
+
+    def __init__(self, layers: list[_Layer], lm_head: torch.Tensor, embed: torch.Tensor, dtype: torch.dtype,
+                 device: torch.device):
+        self.layers = layers
+        self.lm_head = lm_head  # (dim, vocab)
+        self.embed = embed  # the parameter itself, to notice a later move or cast
+        self.dtype = dtype
+        self.device = device
+
+    def matches(self, model: "Llama") -> bool:
+        """Whether the model's parameters are still the ones fused (not moved or cast since)."""
+        return model.model.embed_tokens.weight is self.embed
+
+    @staticmethod
+    def build(model: "Llama") -> "_Fused":
+        """Fuse the model's projections in place (parameters become views) and collect the fast-path tensors."""
+        emb = model.model.embed_tokens.weight
+        dtype, device = emb.dtype, emb.device
+        transposed = device.type == "cpu" and dtype == torch.float32
+
+        def fuse(mods: list[nn.Linear]) -> tuple[torch.Tensor, torch.Tensor | None]:
+            """One (in, out) matrix for several Linear layers sharing their input; re-point their weights."""
+            with torch.no_grad():
+                if len(mods) == 1 and not transposed:
+                    w = mods[0].weight.detach()
+                else:
+                    w = torch.cat([m.weight.detach() for m in mods], 0)  # (sum of out, in)
+                if transposed:
+                    w = w.t().contiguous().t()  # same values, stored (in, out)
+                start = 0
+                for m in mods:
+                    n = m.weight.shape[0]
+                    m.weight = nn.Parameter(w[start:start + n], requires_grad=False)
+                    start += n
+                bias = None
+                if mods[0].bias is not None:
+                    bias = torch.cat([m.bias.detach() for m in mods], 0)
+            return w.t(), bias  # (in, out)
+
+        layers = []
+        for block in model.model.layers:
+            a, m = block.self_attn, block.mlp
+            qkv, qkv_b = fuse([a.q_proj, a.k_proj, a.v_proj])
+            o, o_b = fuse([a.o_proj])
+            gate_up, gate_up_b = fuse([m.gate_proj, m.up_proj])
+            down, down_b = fuse([m.down_proj])
+            layers.append(_Layer(ln1=block.input_layernorm.weight.detach(), qkv=qkv, qkv_b=qkv_b, o=o, o_b=o_b,
+                                 ln2=block.post_attention_layernorm.weight.detach(), gate_up=gate_up,
+                                 gate_up_b=gate_up_b, down=down, down_b=down_b))
+        tied = model.lm_head.weight is model.model.embed_tokens.weight
+        lm_head, _ = fuse([model.lm_head])
+        if tied:
+            model.model.embed_tokens.weight = model.lm_head.weight
+        return _Fused(layers, lm_head, model.model.embed_tokens.weight, dtype, device)
+
+    def forward(self, model: "Llama", tokens: torch.Tensor, start_pos: int | torch.Tensor, cache: KVCache | None,
+                end: int, last_only: bool) -> torch.Tensor:
+        cfg = model.config
+        B, T = tokens.shape
+        N = B * T
+        H, KV, hd = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        eps = cfg.norm_eps
+        dtype = self.dtype
+        half_cpu = dtype != torch.float32 and self.device.type == "cpu"
+        compute = torch.float32 if half_cpu and N > HALF_ROWS_MAX else dtype
+
+        cos, sin = model._rope(start_pos, T, end, tokens.device)  # (B | 1, 1, T, head_dim)
+        sin = torch.cat((-sin[..., :hd // 2], sin[..., hd // 2:]), dim=-1)  # rotate_half's sign folded in
+        cos = cos.transpose(1, 2).to(compute)  # (B | 1, T, 1, head_dim): broadcasts over heads
+        sin = sin.transpose(1, 2).to(compute)
+        if isinstance(start_pos, int) and start_pos == 0 and T == end:
+            mask, causal = None, T > 1  # a square causal block: SDPA's own causal mask is right
+        else:
+            mask, causal = _causal_mask(start_pos, T, end, tokens.device), False
+        gqa = KV != H
+
+        x = F.embedding(tokens.reshape(N), self.embed).to(compute)  # (N, dim)
+        for i, L in enumerate(self.layers):
+            h = _rms_norm(x, L.ln1, eps)
+            qkv = _mm(h, L.qkv, L.qkv_b).view(B, T, H + 2 * KV, hd)  # (B, T, heads, head_dim)
+            qk = qkv[:, :, :H + KV]  # (B, T, n_heads + n_kv_heads, head_dim)
+            qk = qk * cos + qk.roll(hd // 2, -1) * sin  # RoPE on q and k at once
+            q = qk[:, :, :H].transpose(1, 2)  # (B, n_heads, T, head_dim)
+            k = qk[:, :, H:].transpose(1, 2)  # (B, n_kv_heads, T, head_dim)
+            v = qkv[:, :, H + KV:].transpose(1, 2)  # (B, n_kv_heads, T, head_dim)
+            if cache is not None:
+                k, v = cache.update(i, start_pos, k, v, end)  # (B, n_kv_heads, end, head_dim)
+                if k.dtype != compute:
+                    k, v = k.to(compute), v.to(compute)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=gqa)
+            out = out.transpose(1, 2).reshape(N, H * hd)  # (N, n_heads * head_dim)
+            x = _mm_add(x, out, L.o, L.o_b)
+            h = _rms_norm(x, L.ln2, eps)
+            gu = _mm(h, L.gate_up, L.gate_up_b)  # (N, 2 * ffn_dim)
+            f = gu.shape[1] // 2
+            x = _mm_add(x, F.silu(gu[:, :f]) * gu[:, f:], L.down, L.down_b)
+        x = x.view(B, T, -1)
+        if last_only:
+            x = x[:, -1:]
+        logits = _mm(_rms_norm(x.reshape(-1, x.shape[-1]), model.model.norm.weight.detach(), eps), self.lm_head, None)
+        return logits.view(B, x.shape[1], -1).to(dtype)

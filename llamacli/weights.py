@@ -97,8 +97,12 @@ def expected_shapes(model: Llama) -> dict[str, tuple[int, ...]]:
 
 
 def load_model(folder: str | Path, dtype: str = "auto", device: str = "auto",
-               config: LlamaConfig | None = None) -> Llama:
-    """Build a Llama from a checkpoint folder: strict names and shapes, chosen dtype and device."""
+               config: LlamaConfig | None = None, fuse: bool = True) -> Llama:
+    """Build a Llama from a checkpoint folder: strict names and shapes, chosen dtype and device.
+
+    With `fuse` (the default) q/k/v and gate/up are fused for speed once every HF tensor is checked and
+    loaded; the HF-named parameters remain (as views). `fuse=False` keeps the module-by-module reference path.
+    """
     folder = Path(folder)
     config = config or load_config(folder)
     dev = resolve_device(device)
@@ -144,6 +148,8 @@ def load_model(folder: str | Path, dtype: str = "auto", device: str = "auto",
     if use_embed_for_head:
         model.lm_head.weight = model.model.embed_tokens.weight
     model.eval()
+    if fuse:
+        model.fuse_projections()
     return model
 
 
