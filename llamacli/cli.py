@@ -855,6 +855,70 @@ def perplexity(
           f"({result.windows} windows of {result.context}, stride {result.stride})")
 
 
+# =============================================================================================================
+# bench (issue 6)
+# =============================================================================================================
+
+
+@app.command()
+def bench(
+    model: _ModelOpt,
+    prompt_tokens: Annotated[str, typer.Option("--prompt-tokens", "-p",
+                                               help="Prompt lengths to prefill, comma-separated.")] = "128,512",
+    gen_tokens: Annotated[int, typer.Option("--gen-tokens", "-g", min=1,
+                                            help="Tokens to decode after each prompt.")] = 128,
+    batch_size: Annotated[str, typer.Option("--batch-size", "-b", help="Batch sizes, comma-separated.")] = "1",
+    dtype: Annotated[str, typer.Option("--dtype", help="Weight dtypes, comma-separated: auto, float32, "
+                                                       "bfloat16, float16.")] = "auto",
+    device: _DeviceOpt = _Device.auto,
+    repetitions: Annotated[int, typer.Option("--repetitions", "-r", min=1,
+                                             help="Timed runs per configuration, after one warm-up.")] = 5,
+    threads: Annotated[Optional[int], typer.Option("--threads", "-t", min=1, show_default=False,
+                                                   help="CPU threads (default: torch's choice).")] = None,
+    revision: _RevisionOpt = None,
+    as_json: Annotated[bool, typer.Option("--json", help="One JSON object on stdout, for scripts.")] = False,
+) -> None:
+    """Measure prefill and decode speed, peak memory and decode's share of the memory bandwidth."""
+    import json
+
+    with _errors():
+        from llamacli.bench import parse_int_list, run_bench
+        from llamacli.errors import UsageError
+
+        prompts = parse_int_list(prompt_tokens, "--prompt-tokens")
+        batches = parse_int_list(batch_size, "--batch-size")
+        dtypes = [d.strip() for d in dtype.split(",") if d.strip()]
+        allowed = [d.value for d in _Dtype]
+        bad = [d for d in dtypes if d not in allowed]
+        if bad or not dtypes:
+            raise UsageError(f"--dtype must be comma-separated values of {', '.join(allowed)}, got '{dtype}'")
+        folder = _resolve(model, revision, _Dtype(dtypes[0]))
+        report = run_bench(folder, prompts, gen_tokens, batches, dtypes, device=device.value,
+                           repetitions=repetitions, threads=threads, model_name=model)
+    if as_json:
+        print(json.dumps(report.as_dict()), flush=True)
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    devices = sorted({r.device for r in report.rows})
+    table = Table(title=f"{report.model} on {', '.join(devices)}, {report.threads} threads; measured memory "
+                        f"bandwidth {report.memory_bandwidth_gb_per_s:.1f} GB/s", title_justify="left")
+    for name in ("dtype", "batch", "prompt", "prefill tok/s", "gen", "decode tok/s", "GB/s", "% bw", "peak MiB"):
+        table.add_column(name, justify="left" if name == "dtype" else "right", no_wrap=True)
+    for r in report.rows:
+        pre, dec = r.prefill_tokens_per_s, r.decode_tokens_per_s
+        table.add_row(r.dtype, str(r.batch_size), str(r.prompt_tokens),
+                      f"{pre.median:.1f} ± {pre.stdev:.1f}", str(r.gen_tokens), f"{dec.median:.1f} ± {dec.stdev:.1f}",
+                      f"{r.decode_gb_per_s:.1f}", f"{r.bandwidth_pct:.0f}%", f"{r.peak_memory_mb:.0f}")
+    console = Console(highlight=False)
+    if not console.is_terminal:
+        console.width = max(console.width, 120)  # piped into a file: keep the table whole
+    console.print(table)
+    _note(f"median ± stdev of {repetitions} runs after a warm-up; decode GB/s = weights + KV cache read per step "
+          f"x steps/s; bandwidth: {report.bandwidth_method}")
+
+
 def main() -> None:
     """Console entry point: every error is one line on stderr (exit 2 usage, 1 runtime, 130 Ctrl-C)."""
     from typer.exceptions import TyperException
