@@ -10,8 +10,9 @@ Input, read whole before any model is loaded (`read_rows`):
   skipped in both; line numbers count every physical line, from 1.
 
 Prompts: a `prompt` goes through the chat template as a user message (after `system`, if any) unless `raw`;
-`messages` always use the chat template. Seeds: a row's `seed`, else the default seed; with one, a row's
-sampled output is the same as a single-prompt run with that seed, whatever its batch mates.
+`messages` always use the chat template. Seeds: a row's `seed`, else the default seed; a row samples with its own
+generator, so it draws what a single-prompt run with that seed draws, whatever its batch mates (its tokens can
+differ only where batched float sums round differently at a near-tie).
 
 Output: `{"id", "text", "token_ids", "prompt_tokens", "finish_reason"}` (+ `"logprobs"`), written and flushed as
 each row finishes, or `{"id", "error"}` naming the input line and the problem. With `resume`, ids that already
@@ -301,7 +302,7 @@ def prepare_output(path: str | Path, resume: bool = False) -> tuple[set, Callabl
                 obj = json.loads(line)
             except (json.JSONDecodeError, UnicodeDecodeError):
                 raise InputError(f"cannot resume: line {n} of {p} is not a JSON row") from None
-            if isinstance(obj, dict) and "id" in obj and "error" not in obj:
+            if isinstance(obj, dict) and isinstance(obj.get("id"), (str, int)) and "error" not in obj:
                 done.add(_id_key(obj["id"]))
 
     @contextlib.contextmanager
@@ -317,7 +318,7 @@ def prepare_output(path: str | Path, resume: bool = False) -> tuple[set, Callabl
 
 def _id_key(rid):
     """Ids compare with their JSON type: the string "3" and the line number 3 are different ids."""
-    return (type(rid).__name__, rid) if not isinstance(rid, list) else ("list", json.dumps(rid))
+    return (type(rid).__name__, rid)
 
 
 # -- running -----------------------------------------------------------------------------------------------------

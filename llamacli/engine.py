@@ -469,13 +469,20 @@ class BatchDecoder:
             if not slots:
                 break
             done = self._step(slots, cache)
-            for i in sorted(done, reverse=True):
+            for i in sorted(done, reverse=True):  # high to low: every row past i is still active
                 row = slots[i]
                 yield row.key, row.finish()
-                last = slots.pop()
-                if last is not row:  # keep active rows contiguous: the last one moves into the hole
-                    self._move(cache, len(slots), i, last.pos)
-                    slots[i] = last
+                while waiting:  # the next prompt takes the slot at once
+                    new = self._admit(waiting.popleft(), cache, i)
+                    if new.reason is None:
+                        slots[i] = new
+                        break
+                    yield new.key, new.finish()
+                else:
+                    last = slots.pop()
+                    if last is not row:  # keep active rows contiguous: the last one moves into the hole
+                        self._move(cache, len(slots), i, last.pos)
+                        slots[i] = last
 
     def _admit(self, item, cache: KVCache, slot: int) -> _Row:
         """Prefill one prompt alone into cache row `slot` and sample its first token."""
