@@ -335,19 +335,17 @@ class ChatSession:
                 break
             common += 1
         common = min(common, len(ids) - 1)  # at least one token must run to get logits
-        finished = None
-        try:
-            for event in self.engine.stream(ids, request, cache=self.cache, start_pos=common):
-                if isinstance(event, Finished):
-                    finished = event
-                yield event
-        finally:
-            # Whatever ran (even if interrupted) the cache is valid only up to the common prefix for sure.
-            self.cached_ids = ids[:common]
-        self.messages.append({"role": "user", "content": user_text})
-        self.messages.append({"role": "assistant", "content": finished.text})
-        # The last sampled token was never fed to the model, so its keys/values are not in the cache.
-        self.cached_ids = ids + finished.token_ids[:-1]
+        # Until this turn completes, only the shared prefix is known to be in the cache (an interrupted turn
+        # may have overwritten what followed it).
+        self.cached_ids = ids[:common]
+        for event in self.engine.stream(ids, request, cache=self.cache, start_pos=common):
+            if isinstance(event, Finished):
+                # Recorded before Finished is handed out, so a caller that stops reading there loses nothing.
+                self.messages.append({"role": "user", "content": user_text})
+                self.messages.append({"role": "assistant", "content": event.text})
+                # The last sampled token was never fed to the model, so its keys/values are not in the cache.
+                self.cached_ids = ids + event.token_ids[:-1]
+            yield event
 
 
 # =============================================================================================================
