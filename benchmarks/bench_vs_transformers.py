@@ -68,7 +68,8 @@ def main() -> None:
         ours = load_model(args.model, dtype=dtype, device="cpu")
         vocab = ours.config.vocab_size
         hf = transformers.AutoModelForCausalLM.from_pretrained(args.model, dtype=getattr(torch, dtype)).eval()
-        impls = {"llamacli": lambda p, n: time_generation(ours, p, n), "transformers": lambda p, n: hf_time_generation(hf, p, n)}
+        impls = {"llamacli": lambda p, n: time_generation(ours, p, n),
+                 "transformers": lambda p, n: hf_time_generation(hf, p, n)}
         prompts = {n: torch.randint(0, vocab, (1, n), generator=gen) for n in lengths}
         prefill = {(i, n): [] for i in impls for n in lengths}
         decode = {i: [] for i in impls}

@@ -105,7 +105,10 @@ def test_fused_equals_unfused(tiny_checkpoint, overrides):
     assert {n: p.shape for n, p in fused.named_parameters()} == {n: p.shape for n, p in plain.named_parameters()}
     for (n, a), (_, b) in zip(fused.state_dict().items(), plain.state_dict().items()):
         assert torch.equal(a, b), n
-    assert (fused.lm_head.weight is fused.model.embed_tokens.weight) == (plain.lm_head.weight is plain.model.embed_tokens.weight)
+    def tied(m):
+        return m.lm_head.weight is m.model.embed_tokens.weight
+
+    assert tied(fused) == tied(plain)
     ids = torch.tensor([PROMPT, PROMPT[::-1]])
     with torch.no_grad():
         torch.testing.assert_close(fused(ids), plain(ids), atol=1e-5, rtol=0)
