@@ -97,11 +97,12 @@ def expected_shapes(model: Llama) -> dict[str, tuple[int, ...]]:
 
 
 def load_model(folder: str | Path, dtype: str = "auto", device: str = "auto",
-               config: LlamaConfig | None = None, fuse: bool = True) -> Llama:
+               config: LlamaConfig | None = None, fuse: bool = True, pack: bool = True) -> Llama:
     """Build a Llama from a checkpoint folder: strict names and shapes, chosen dtype and device.
 
     With `fuse` (the default) q/k/v and gate/up are fused for speed once every HF tensor is checked and
     loaded; the HF-named parameters remain (as views). `fuse=False` keeps the module-by-module reference path.
+    `pack` (fp32 on CPU) prepacks the fused weights for oneDNN, about twice as fast (see `Llama.fuse_projections`).
     """
     folder = Path(folder)
     config = config or load_config(folder)
@@ -149,7 +150,7 @@ def load_model(folder: str | Path, dtype: str = "auto", device: str = "auto",
         model.lm_head.weight = model.model.embed_tokens.weight
     model.eval()
     if fuse:
-        model.fuse_projections()
+        model.fuse_projections(pack=pack)
     return model
 
 

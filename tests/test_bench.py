@@ -96,14 +96,19 @@ def test_cli_bench_table_and_errors(tiny_dir, tmp_path):
 @pytest.mark.parametrize("overrides", [{}, dict(attention_bias=True, mlp_bias=True),
                                        dict(tie_word_embeddings=True), dict(num_key_value_heads=4)],
                          ids=["gqa", "bias", "tied", "mha"])
-def test_fused_equals_unfused(tiny_checkpoint, overrides):
+@pytest.mark.parametrize("pack", [False, True], ids=["views", "onednn"])
+def test_fused_equals_unfused(tiny_checkpoint, overrides, pack):
     path = tiny_checkpoint(**overrides)
-    fused = load_model(path, dtype="float32", device="cpu")
+    fused = load_model(path, dtype="float32", device="cpu", pack=pack)
     plain = load_model(path, dtype="float32", device="cpu", fuse=False)
     assert fused._fused is not None and plain._fused is None
-    # HF names, shapes and values are unchanged; the tied head is still the embedding
+    assert fused._fused.packed == pack  # oneDNN is part of the x86 CPU wheels CI installs
+    # HF names and shapes are unchanged; the tied head is still the embedding
     assert {n: p.shape for n, p in fused.named_parameters()} == {n: p.shape for n, p in plain.named_parameters()}
     for (n, a), (_, b) in zip(fused.state_dict().items(), plain.state_dict().items()):
+        if pack and a.is_meta:  # packed: the plain layer weights are released, only their shapes remain
+            assert "layers." in n or n == "lm_head.weight", n
+            continue
         assert torch.equal(a, b), n
     def tied(m):
         return m.lm_head.weight is m.model.embed_tokens.weight
@@ -121,14 +126,24 @@ def test_fused_equals_unfused(tiny_checkpoint, overrides):
         torch.testing.assert_close(outs[0], outs[1], atol=1e-5, rtol=0)
 
 
-def test_unfuse_and_refuse_after_cast(tiny_dir):
+def test_packed_model_refuses_unfuse_and_cast(tiny_dir):
     model = load_model(tiny_dir, dtype="float32", device="cpu")
+    assert model._fused.packed
+    with pytest.raises(RuntimeError, match="packed for oneDNN"):
+        model.unfuse_projections()
+    model.to(torch.float64)
+    with pytest.raises(RuntimeError, match="load it again to change its dtype or device"):
+        model(torch.tensor([PROMPT]))
+
+
+def test_unfuse_and_refuse_after_cast(tiny_dir):
+    model = load_model(tiny_dir, dtype="float32", device="cpu", pack=False)
     ids = torch.tensor([PROMPT])
     with torch.no_grad():
         fused = model(ids)
         model.unfuse_projections()
         torch.testing.assert_close(model(ids), fused, atol=1e-5, rtol=0)
-        model.fuse_projections()
+        model.fuse_projections(pack=False)
         model.to(torch.float64)  # a cast after fusing: the forward fuses the new weights again
         assert model(ids).dtype == torch.float64
         torch.testing.assert_close(model(ids).float(), fused, atol=1e-4, rtol=0)
