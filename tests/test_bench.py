@@ -176,3 +176,15 @@ def test_half_weights_stay_close_to_fp32(tiny_dir, dtype):
             want = ref(torch.tensor([[tok]]), pos, cache_r)
             got = half(torch.tensor([[tok]]), pos, cache_h)
             assert (got.float() - want).abs().max() < 0.05 * want.abs().max()
+
+
+def test_bf16_is_packed_exactly_where_the_cpu_has_native_bf16(tiny_dir):
+    from llamacli.model import cpu_has_native_bf16
+
+    model = load_model(tiny_dir, dtype="bfloat16", device="cpu")
+    plain = load_model(tiny_dir, dtype="bfloat16", device="cpu", fuse=False)
+    assert model._fused.packed == cpu_has_native_bf16()
+    assert load_model(tiny_dir, dtype="float16", device="cpu")._fused.packed is False
+    ids = torch.tensor([PROMPT])
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).float(), plain(ids).float(), atol=3e-2, rtol=3e-2)
