@@ -55,38 +55,26 @@ def convert(
     from llamacli.gguf import convert_gguf
 
     err = Console(stderr=True)
-    try:
-        with Progress(TextColumn("converting"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                      TextColumn("{task.description}"), console=err, transient=True) as bar:
-            task = bar.add_task("", total=None)
+    with _errors(), Progress(TextColumn("converting"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                             TextColumn("{task.description}"), console=err, transient=True) as bar:
+        task = bar.add_task("", total=None)
 
-            def progress(done: int, total: int, name: str) -> None:
-                bar.update(task, completed=done, total=total, description=name)
+        def progress(done: int, total: int, name: str) -> None:
+            bar.update(task, completed=done, total=total, description=name)
 
-            out = convert_gguf(src, out_dir, dtype=dtype.value, progress=progress)
-    except LlamaCliError as exc:
-        if _state["debug"]:
-            raise
-        print(f"error: {exc}", file=sys.stderr)
-        raise typer.Exit(exc.exit_code) from None
+        out = convert_gguf(src, out_dir, dtype=dtype.value, progress=progress)
     err.print(f"wrote {out} ({dtype.value})", markup=False, highlight=False)
 
 
 def _tokenizer_source(model: Optional[str], tokenizer: Optional[Path]) -> Path:
     """The file or folder to load a tokenizer from: --tokenizer wins, else the resolved --model."""
-    from llamacli.errors import InputError, UsageError
+    from llamacli.errors import UsageError
+    from llamacli.sources import resolve_model
 
     if tokenizer is not None:
         return tokenizer
     if model is None:
         raise UsageError("pass --model (a checkpoint) or --tokenizer (a tokenizer file or folder)")
-    try:
-        from llamacli.sources import resolve_model
-    except ImportError:  # sources.py not there yet: a local folder only
-        path = Path(model)
-        if not path.exists():
-            raise InputError(f"model not found: {model} (expected a local checkpoint folder)")
-        return path
     return resolve_model(model)
 
 
@@ -107,17 +95,12 @@ def tokenize(
 
     from llamacli.tokenizer import load_tokenizer
 
-    try:
+    with _errors():
         if text == "-":
             text = sys.stdin.read()
         tok = load_tokenizer(_tokenizer_source(model, tokenizer))
         ids = tok.encode(text, add_special_tokens=not no_special)
         pieces = [tok.id_to_piece(i) for i in ids]
-    except LlamaCliError as exc:
-        if _state["debug"]:
-            raise
-        print(f"error: {exc}", file=sys.stderr)
-        raise typer.Exit(exc.exit_code) from None
     if as_json:
         print(json.dumps({"token_ids": ids, "tokens": pieces}, ensure_ascii=False))
         return
