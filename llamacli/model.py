@@ -263,6 +263,16 @@ class _Packed:
         self.shape = (weight.shape[1], weight.shape[0])  # (in, out), as the plain fast-path matrices
 
 
+def model_will_pack(dtype: torch.dtype) -> bool:
+    """Whether CPU weights of `dtype` get oneDNN-packed by `fuse_projections(pack=True)`.
+
+    oneDNN packs fp32, and bf16 where the CPU multiplies it natively (there bf16 computes in bf16 for any
+    number of rows, so inputs always match the packed dtype).
+    """
+    return _onednn_available(dtype) and (
+        dtype == torch.float32 or (dtype == torch.bfloat16 and cpu_has_native_bf16()))
+
+
 @functools.cache
 def _onednn_available(dtype: torch.dtype = torch.float32) -> bool:
     """Whether this torch build can prepack linear weights of `dtype` with oneDNN (and gets the right answer)."""
@@ -345,10 +355,7 @@ class _Fused:
             raise RuntimeError("this model's weights were packed for oneDNN and released; load it again to "
                                "change its dtype or device")
         transposed = device.type == "cpu" and dtype == torch.float32
-        # oneDNN packs fp32, and bf16 where the CPU multiplies it natively (there bf16 computes in bf16 for
-        # any number of rows, so inputs always match the packed dtype).
-        pack = pack and device.type == "cpu" and _onednn_available(dtype) and (
-            dtype == torch.float32 or (dtype == torch.bfloat16 and cpu_has_native_bf16()))
+        pack = pack and device.type == "cpu" and model_will_pack(dtype)
 
         def fuse(mods: list[nn.Linear], keep: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
             """One (in, out) matrix for several Linear layers sharing their input; re-point their weights.

@@ -15,7 +15,7 @@ from safetensors import SafetensorError, safe_open
 
 from llamacli.config import LlamaConfig, load_config
 from llamacli.errors import UsageError, WeightsError
-from llamacli.model import Llama
+from llamacli.model import Llama, model_will_pack
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
@@ -139,12 +139,17 @@ def load_model(folder: str | Path, dtype: str = "auto", device: str = "auto",
             raise WeightsError(f"{available[name]}: tensor '{name}' has shape {list(got)}, expected {list(shape)}")
 
     params = dict(model.named_parameters(remove_duplicate=True))
+    # A tensor read in its stored dtype is a view of the memory-mapped file, and the mapping lives as long
+    # as any such tensor. When the weights are going to be packed (and the plain ones released), copy them
+    # instead, so that the file's pages leave the process with the loader.
+    copy = fuse and pack and dev.type == "cpu" and model_will_pack(torch_dtype)
     for name in need:
         try:
             tensor = handles[available[name]].get_tensor(name)
         except (SafetensorError, Exception) as exc:
             raise WeightsError(f"{available[name]}: tensor '{name}' is truncated or corrupt ({exc})") from None
-        _assign(model, name, torch.nn.Parameter(tensor.to(device=dev, dtype=torch_dtype), requires_grad=False))
+        _assign(model, name, torch.nn.Parameter(tensor.to(device=dev, dtype=torch_dtype, copy=copy),
+                                                requires_grad=False))
         del params[name]
     if use_embed_for_head:
         model.lm_head.weight = model.model.embed_tokens.weight
