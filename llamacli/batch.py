@@ -52,55 +52,57 @@ class Row:
 
 @dataclass(frozen=True)
 class BatchDefaults:
-    """What a row does not override: the same options as single-prompt generate."""
+    """What a row does not override: the engine Request single-prompt generate would use, plus prompt options."""
 
-    max_new_tokens: int = 256
-    temperature: float = 0.0
-    top_p: float = 1.0
-    top_k: int = 0
-    min_p: float = 0.0
-    repetition_penalty: float = 1.0
-    seed: int | None = None
-    stop: tuple[str, ...] = ()
+    request: object = None  # llamacli.engine.Request (imported lazily: reading rows needs no torch); None = Request()
     system: str | None = None
     raw: bool = False
-    logprobs: bool = False
-    ignore_eos: bool = False
     # When max_new_tokens is only a default (not asked for), a row gets at most what its context has left,
     # as single-prompt generate does; a row's own max_new_tokens is never cut.
     cap_to_context: bool = False
 
     def __post_init__(self):
-        object.__setattr__(self, "stop", tuple(self.stop))
-        if self.seed is not None:
-            _check_seed(self.seed)
+        from llamacli.engine import Request
+
+        if self.request is None:
+            object.__setattr__(self, "request", Request())
+        if self.request.seed is not None:
+            _check_seed(self.request.seed)
         if self.raw and self.system is not None:
             raise UsageError("--system needs the chat template; it cannot be used with --raw")
-        self.request({})  # raises UsageError for a bad default, before any model is loaded
 
     @classmethod
-    def from_request(cls, request, *, raw: bool = False, system: str | None = None,
-                     cap_to_context: bool = False) -> "BatchDefaults":
-        """Defaults from a single-prompt engine Request (what the CLI builds from its options)."""
-        p = request.sampling
-        return cls(max_new_tokens=request.max_new_tokens, temperature=p.temperature, top_p=p.top_p, top_k=p.top_k,
-                   min_p=p.min_p, repetition_penalty=p.repetition_penalty, seed=request.seed, stop=request.stop,
-                   system=system, raw=raw, logprobs=request.logprobs, ignore_eos=request.ignore_eos,
-                   cap_to_context=cap_to_context)
+    def of(cls, **options) -> "BatchDefaults":
+        """Defaults from flat options, as scripts write them: any Request or SamplingParams field, or a
+        BatchDefaults one (`max_new_tokens=32, temperature=0.7, seed=1, system="...", raw=False`)."""
+        from dataclasses import fields
 
-    def request(self, overrides: dict, prompt_len: int = 0, context: int | None = None):
-        """The engine Request for a row with these overrides (UsageError on a bad value)."""
         from llamacli.engine import Request
         from llamacli.sampling import SamplingParams
 
-        o = {**{k: getattr(self, k) for k in ("max_new_tokens", "temperature", "top_p", "top_k", "seed", "stop")},
-             **overrides}
+        sampling_keys = {f.name for f in fields(SamplingParams)}
+        request_keys = {f.name for f in fields(Request)} - {"sampling"}
+        own_keys = {f.name for f in fields(cls)} - {"request"}
+        unknown = set(options) - sampling_keys - request_keys - own_keys
+        if unknown:
+            raise UsageError(f"unknown batch option(s): {', '.join(sorted(unknown))}")
+        pick = lambda keys: {k: v for k, v in options.items() if k in keys}  # noqa: E731
+        request_opts = pick(request_keys)
+        if "stop" in request_opts:
+            request_opts["stop"] = tuple(request_opts["stop"])
+        request = Request(sampling=SamplingParams(**pick(sampling_keys)), **request_opts)
+        return cls(request=request, **pick(own_keys))
+
+    def request_for(self, overrides: dict, prompt_len: int = 0, context: int | None = None):
+        """The engine Request for a row with these overrides (UsageError on a bad value)."""
+        from dataclasses import replace
+
+        base = self.request
+        sampling = {k: overrides[k] for k in ("temperature", "top_p", "top_k") if k in overrides}
+        fields_ = {k: overrides[k] for k in ("max_new_tokens", "seed", "stop") if k in overrides}
         if self.cap_to_context and context is not None and "max_new_tokens" not in overrides:
-            o["max_new_tokens"] = max(1, min(o["max_new_tokens"], context - prompt_len))
-        sampling = SamplingParams(temperature=o["temperature"], top_k=o["top_k"], top_p=o["top_p"],
-                                  min_p=self.min_p, repetition_penalty=self.repetition_penalty)
-        return Request(max_new_tokens=o["max_new_tokens"], sampling=sampling, seed=o["seed"], stop=tuple(o["stop"]),
-                       ignore_eos=self.ignore_eos, logprobs=self.logprobs)
+            fields_["max_new_tokens"] = max(1, min(base.max_new_tokens, context - prompt_len))
+        return replace(base, sampling=replace(base.sampling, **sampling), **fields_)
 
 
 @dataclass
@@ -348,7 +350,7 @@ def iter_results(engine, rows: list[Row], defaults: BatchDefaults, batch_size: i
         if error is None:
             try:
                 ids = prompt_ids(engine, row, defaults)
-                request = defaults.request(row.overrides, len(ids), engine.config.context_length)
+                request = defaults.request_for(row.overrides, len(ids), engine.config.context_length)
                 engine.check_fits(len(ids), request.max_new_tokens)
             except LlamaCliError as exc:
                 error = f"{row.where}: {exc}"
@@ -396,11 +398,11 @@ def run_batch(engine, rows: list[Row], defaults: BatchDefaults, out: TextIO, bat
 def generate_many(engine, prompts: list, *, batch_size: int = 8, **defaults) -> list[dict]:
     """Generate for each prompt (a str, or a dict shaped like a JSONL row); results in the same order.
 
-    Keyword arguments are `BatchDefaults` fields (max_new_tokens, temperature, seed, raw, ...). A result is
+    Keyword arguments are `BatchDefaults.of` options (max_new_tokens, temperature, seed, raw, ...). A result is
     `{"id", "text", "token_ids", "prompt_tokens", "finish_reason"}` or `{"id", "error"}` (a bad prompt does not
     stop the others); ids default to the prompt's index in the list.
     """
-    settings = BatchDefaults(**defaults)
+    settings = BatchDefaults.of(**defaults)
     rows, first = [], {}
     for i, p in enumerate(prompts):
         row = parse_row(p, i, f"prompt {i}", default_id=i)

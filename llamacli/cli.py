@@ -350,7 +350,7 @@ def _generate_batch(engine, *, prompts_file: Path, output: Optional[Path], batch
     from llamacli.batch import BatchDefaults, run_batch
 
     rows, done_ids, opener = prepared or _prepare_batch(prompts_file, output, resume)
-    defaults = BatchDefaults.from_request(request, raw=raw, system=system, cap_to_context=not max_new_tokens_set)
+    defaults = BatchDefaults(request, raw=raw, system=system, cap_to_context=not max_new_tokens_set)
     err = _stderr()
     where = "stdout" if output is None or str(output) == "-" else str(output)
     summary = None

@@ -235,15 +235,24 @@ def test_unreadable_input_and_unwritable_output_are_input_errors(tmp_path):
 
 def test_bad_defaults_are_refused_before_any_model():
     with pytest.raises(UsageError, match="temperature must be >= 0"):
-        BatchDefaults(temperature=-1)
+        BatchDefaults.of(temperature=-1)
     with pytest.raises(UsageError, match="max-new-tokens"):
-        BatchDefaults(max_new_tokens=0)
+        BatchDefaults.of(max_new_tokens=0)
+    with pytest.raises(UsageError, match="unknown batch option\\(s\\): temprature"):
+        BatchDefaults.of(temprature=0.5)
+
+
+def test_defaults_from_flat_options_build_the_engine_request():
+    d = BatchDefaults.of(max_new_tokens=9, temperature=0.5, top_k=3, seed=4, stop=["x"], logprobs=True, system="s")
+    r = d.request_for({"temperature": 0.9, "stop": ("y",)})
+    assert (r.max_new_tokens, r.seed, r.stop, r.logprobs) == (9, 4, ("y",), True)
+    assert (r.sampling.temperature, r.sampling.top_k) == (0.9, 3) and d.system == "s"
 
 
 # -- running rows --------------------------------------------------------------------------------------------
 
 
-def run_file(engine, src: Path, out: Path, defaults=BatchDefaults(max_new_tokens=8), batch_size=3, resume=False):
+def run_file(engine, src: Path, out: Path, defaults=BatchDefaults.of(max_new_tokens=8), batch_size=3, resume=False):
     rows = read_rows(src)
     done, opener = prepare_output(out, resume)
     seen = []
@@ -288,7 +297,7 @@ def test_run_batch_outputs_every_row_and_names_bad_ones(engine, tmp_path):
 def test_system_raw_and_logprobs_defaults(engine, tmp_path):
     src = write(tmp_path / "in.jsonl", '{"id": 1, "prompt": "Hello"}\n{"id": 2, "prompt": "Hi", "system": "s2"}\n'
                                        '{"id": 3, "messages": [{"role": "user", "content": "Hey"}]}\n')
-    defaults = BatchDefaults(max_new_tokens=4, system="be kind", logprobs=True)
+    defaults = BatchDefaults.of(max_new_tokens=4, system="be kind", logprobs=True)
     _, results = run_file(engine, src, tmp_path / "out.jsonl", defaults)
     by_id = {r["id"]: r for r in results}
     sys_ids = engine.chat_ids([{"role": "system", "content": "be kind"}, {"role": "user", "content": "Hello"}])
@@ -300,7 +309,7 @@ def test_system_raw_and_logprobs_defaults(engine, tmp_path):
     assert by_id[3]["prompt_tokens"] == len(s3)
     assert all(len(r["logprobs"]) == len(r["token_ids"]) and all(lp <= 0 for lp in r["logprobs"]) for r in results)
 
-    raw = BatchDefaults(max_new_tokens=4, raw=True)
+    raw = BatchDefaults.of(max_new_tokens=4, raw=True)
     _, results = run_file(engine, src, tmp_path / "raw.jsonl", raw)
     by_id = {r["id"]: r for r in results}
     assert by_id[1]["prompt_tokens"] == len(engine.raw_ids("Hello"))
