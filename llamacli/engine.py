@@ -351,11 +351,14 @@ class ChatSession:
 # =============================================================================================================
 # Batched decoding (issue 5): continuous batching of many prompts through one preallocated KV cache.
 #
-# Each slot is a row of the cache. A new prompt is prefilled alone into a free slot (a batch-of-1 forward on
-# `cache.rows(i, i + 1)`), then every active slot advances one token per step in a single forward with per-row
-# positions (the model's mask hides each row's stale cache entries). Rows sample with their own generator and
-# stop on their own (eos ids, stop strings, their max_new_tokens); a finished slot takes the next waiting prompt
-# at once, and when none is left the last active row moves into the hole so the active rows stay 0..n-1.
+# Each slot is a row of the cache. Every step is one forward over the weights: the active slots advance one
+# token each (per-row positions; the model's mask hides each row's stale cache entries) and, in the same pass,
+# waiting prompts are prefilled into free slots (`Llama.forward_last` with one part per contiguous run of
+# decoding rows and one per new prompt). Decoding is bound by reading the weights, prefill by arithmetic, so
+# the decoding rows ride along with a prefill almost for free instead of waiting for it. Rows sample with their
+# own generator and stop on their own (eos ids, stop strings, their max_new_tokens); a finished slot takes the
+# next waiting prompt in the next step, and once none is left the last active row moves into the hole so the
+# active rows stay 0..n-1 (one attention call per layer).
 # =============================================================================================================
 
 
@@ -427,6 +430,9 @@ class _Row:
         return Finished(self.reason, "".join(self.text_parts), self.out_ids, self.logprobs, self.stats)
 
 
+PREFILL_TOKENS_PER_STEP = 2048  # prompt tokens one batch step may prefill beside its decoding rows
+
+
 class BatchDecoder:
     """Continuous batching over one engine: `run(items)` yields (key, Finished) for each item as it finishes."""
 
@@ -454,68 +460,92 @@ class BatchDecoder:
         n_positions = max(len(ids) + req.max_new_tokens for _, ids, req in waiting)
         max_batch = min(self.batch_size, len(waiting))
         cache = engine.new_cache(n_positions, max_batch=max_batch)
-        slots: list[_Row] = []  # active rows, slot i = cache row i
+        slots: list[_Row | None] = [None] * max_batch  # slot i = cache row i; None = free
 
-        while waiting or slots:
-            # Fill free slots; a row can finish on its first token (eos, max_new_tokens 1, a stop string).
-            while waiting and len(slots) < max_batch:
-                row = self._admit(waiting.popleft(), cache, len(slots))
-                if row.reason is not None:
-                    yield row.key, row.finish()
-                else:
-                    slots.append(row)
-            if not slots:
+        while True:
+            new = self._plan_admissions(slots, waiting)
+            if not new and not any(slots):
                 break
-            done = self._step(slots, cache)
-            for i in sorted(done, reverse=True):  # high to low: every row past i is still active
-                row = slots[i]
+            for i in self._step(slots, new, cache):
+                row, slots[i] = slots[i], None
                 yield row.key, row.finish()
-                while waiting:  # the next prompt takes the slot at once
-                    new = self._admit(waiting.popleft(), cache, i)
-                    if new.reason is None:
-                        slots[i] = new
-                        break
-                    yield new.key, new.finish()
-                else:
-                    last = slots.pop()
-                    if last is not row:  # keep active rows contiguous: the last one moves into the hole
-                        self._move(cache, len(slots), i, last.pos)
-                        slots[i] = last
+            if not waiting:  # nothing left to fill holes with: keep the active rows contiguous
+                self._compact(slots, cache)
 
-    def _admit(self, item, cache: KVCache, slot: int) -> _Row:
-        """Prefill one prompt alone into cache row `slot` and sample its first token."""
-        key, ids, req = item
-        row = _Row(self.engine, key, ids, req)
-        logits = self.engine.model(torch.tensor([ids], device=self.engine.device), 0, cache.rows(slot, slot + 1),
-                                   last_only=True)[0, -1].float().cpu()
-        token = row.pick(logits, None)
-        lp = float(torch.log_softmax(logits, dim=-1)[token]) if row.logprobs is not None else None
-        row.accept(token, lp)
-        return row
-
-    def _step(self, slots: list[_Row], cache: KVCache) -> list[int]:
-        """One decode forward for every active row; return the indices of the rows that finished."""
-        engine = self.engine
-        n = len(slots)
-        self.steps += 1
-        self.max_active = max(self.max_active, n)
-        positions = [r.pos for r in slots]
-        tokens = torch.tensor([[r.out_ids[-1]] for r in slots], device=engine.device)  # (n, 1)
-        # Rows all at one position need no mask (and then match a single-row forward bit for bit).
-        start = positions[0] if min(positions) == max(positions) else torch.tensor(positions, device=engine.device)
-        logits = engine.model(tokens, start, cache)[:, -1].float().cpu()  # (n, V)
-        greedy = None
-        if any(r.plain_greedy for r in slots):
-            greedy = torch.argmax(logits, dim=-1).tolist()
-        logprobs = torch.log_softmax(logits, dim=-1) if any(r.logprobs is not None for r in slots) else None
-        done = []
+    def _plan_admissions(self, slots: list[_Row | None], waiting: deque) -> dict[int, tuple]:
+        """Take waiting items for free slots, lowest first, up to PREFILL_TOKENS_PER_STEP prompt tokens
+        (always at least one, however long)."""
+        new: dict[int, tuple] = {}
+        tokens = 0
         for i, row in enumerate(slots):
-            token = row.pick(logits[i], greedy[i] if greedy is not None else None)
-            lp = float(logprobs[i, token]) if row.logprobs is not None else None
-            row.pos += 1
+            if row is not None or not waiting:
+                continue
+            n = len(waiting[0][1])
+            if new and tokens + n > PREFILL_TOKENS_PER_STEP:
+                break
+            new[i] = waiting.popleft()
+            tokens += n
+        return new
+
+    def _step(self, slots: list[_Row | None], new: dict[int, tuple], cache: KVCache) -> list[int]:
+        """One forward: decode every active row and prefill the new items into their slots; return the slots
+        whose rows finished."""
+        engine = self.engine
+        device = engine.device
+        order: list[tuple[int, _Row, bool]] = []  # (slot, row, is_new) in the order of the logits rows
+        parts = []
+        run: list[int] = []  # a contiguous run of decoding slots, forming one part
+
+        def close_run() -> None:
+            if run:
+                positions = [slots[i].pos for i in run]
+                tokens = torch.tensor([[slots[i].out_ids[-1]] for i in run], device=device)  # (n, 1)
+                # Rows all at one position need no mask (and then match a single-row forward bit for bit).
+                start = (positions[0] if min(positions) == max(positions)
+                         else torch.tensor(positions, device=device))
+                parts.append((tokens, start, cache.rows(run[0], run[-1] + 1)))
+                order.extend((i, slots[i], False) for i in run)
+                run.clear()
+
+        for i, row in enumerate(slots):
+            if row is not None:
+                run.append(i)
+                continue
+            close_run()
+            if i in new:
+                key, ids, req = new[i]
+                order.append((i, _Row(engine, key, ids, req), True))
+                parts.append((torch.tensor([ids], device=device), 0, cache.rows(i, i + 1)))
+        close_run()
+
+        self.steps += 1
+        self.max_active = max(self.max_active, len(order))
+        logits = engine.model.forward_last(parts).float().cpu()  # (rows, V)
+        greedy = None
+        if any(r.plain_greedy for _, r, _ in order):
+            greedy = torch.argmax(logits, dim=-1).tolist()
+        logprobs = torch.log_softmax(logits, dim=-1) if any(r.logprobs is not None for _, r, _ in order) else None
+        done = []
+        for j, (i, row, is_new) in enumerate(order):
+            token = row.pick(logits[j], greedy[j] if greedy is not None else None)
+            lp = float(logprobs[j, token]) if row.logprobs is not None else None
+            if is_new:
+                slots[i] = row
+            else:
+                row.pos += 1
             if row.accept(token, lp):
                 done.append(i)
         return done
+
+    def _compact(self, slots: list[_Row | None], cache: KVCache) -> None:
+        """Move the last active rows into the holes before them, so the active rows are slots 0..n-1."""
+        while True:
+            holes = [i for i, r in enumerate(slots) if r is None]
+            last = max((i for i, r in enumerate(slots) if r is not None), default=-1)
+            if not holes or holes[0] > last:
+                return
+            self._move(cache, last, holes[0], slots[last].pos)
+            slots[holes[0]], slots[last] = slots[last], None
 
     @staticmethod
     def _move(cache: KVCache, src: int, dst: int, n_positions: int) -> None:

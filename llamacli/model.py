@@ -177,7 +177,7 @@ class Llama(nn.Module):
         if self._fused is not None:
             if not self._fused.matches(self):  # moved or cast since fusing: fuse the new weights again
                 self.fuse_projections()
-            return self._fused.forward(self, tokens, start_pos, cache, end, last_only)
+            return self._fused.forward(self, [(tokens, start_pos, cache, end)], last_only)
         dtype = self.model.embed_tokens.weight.dtype
         cos, sin = self._rope(start_pos, T, end, device)
         cos, sin = cos.to(dtype), sin.to(dtype)
@@ -188,6 +188,23 @@ class Llama(nn.Module):
         if last_only:
             x = x[:, -1:]
         return self.lm_head(self.model.norm(x))
+
+    def forward_last(self, parts: list[tuple[torch.Tensor, int | torch.Tensor, KVCache]]) -> torch.Tensor:
+        """Last-position logits (sum of B, vocab) of every row of several (tokens (B, T), start_pos, cache) parts.
+
+        The fast path multiplies all parts' rows in one pass over the weights, so a batch can prefill a new
+        prompt and decode its other rows in the same step; each part keeps its own positions and cache
+        (typically `cache.rows(...)` views). Row results equal separate forwards up to float32 summation
+        order in the matrix products.
+        """
+        checked = []
+        for tokens, start_pos, cache in parts:
+            checked.append((tokens, start_pos, cache, cache.check(start_pos, tokens.shape[1], tokens.shape[0])))
+        if self._fused is not None and len(parts) > 1:
+            if not self._fused.matches(self):
+                self.fuse_projections()
+            return self._fused.forward(self, checked, last_only=True)
+        return torch.cat([self(tokens, start_pos, cache, last_only=True)[:, -1] for tokens, start_pos, cache in parts])
 
 
 def _causal_mask(start_pos: int | torch.Tensor, T: int, end: int, device: torch.device) -> torch.Tensor | None:
@@ -410,48 +427,69 @@ class _Fused:
             model.model.embed_tokens.weight = model.lm_head.weight
         return _Fused(layers, lm_head, model.model.embed_tokens.weight, dtype, device, packed=pack)
 
-    def forward(self, model: "Llama", tokens: torch.Tensor, start_pos: int | torch.Tensor, cache: KVCache | None,
-                end: int, last_only: bool) -> torch.Tensor:
+    def forward(self, model: "Llama", parts: list[tuple[torch.Tensor, int | torch.Tensor, KVCache | None, int]],
+                last_only: bool) -> torch.Tensor:
+        """Logits for each part (tokens (B, T), start_pos, cache, end) in one pass over the weights.
+
+        One part: (B, T | 1, vocab). Several: the last position of every row, parts in order (sum of B, vocab).
+        Every matrix product runs once over all parts' rows; rotation, cache writes and attention per part.
+        """
         cfg = model.config
-        B, T = tokens.shape
-        N = B * T
         H, KV, hd = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
         eps = cfg.norm_eps
         dtype = self.dtype
+        N = sum(t.numel() for t, _, _, _ in parts)
         compute = compute_dtype(dtype, self.device, N)
-
-        cos, sin = model._rope(start_pos, T, end, tokens.device)  # (B | 1, 1, T, head_dim)
-        sin = torch.cat((-sin[..., :hd // 2], sin[..., hd // 2:]), dim=-1)  # rotate_half's sign folded in
-        cos = cos.transpose(1, 2).to(compute)  # (B | 1, T, 1, head_dim): broadcasts over heads
-        sin = sin.transpose(1, 2).to(compute)
-        if isinstance(start_pos, int) and start_pos == 0 and T == end:
-            mask, causal = None, T > 1  # a square causal block: SDPA's own causal mask is right
-        else:
-            mask, causal = _causal_mask(start_pos, T, end, tokens.device), False
         gqa = KV != H
 
-        x = F.embedding(tokens.reshape(N), self.embed).to(compute)  # (N, dim)
+        views = []  # per part: (rows slice, B, T, cos, sin, mask, causal, start_pos, cache, end)
+        offset = 0
+        for tokens, start_pos, cache, end in parts:
+            B, T = tokens.shape
+            cos, sin = model._rope(start_pos, T, end, tokens.device)  # (B | 1, 1, T, head_dim)
+            sin = torch.cat((-sin[..., :hd // 2], sin[..., hd // 2:]), dim=-1)  # rotate_half's sign folded in
+            cos = cos.transpose(1, 2).to(compute)  # (B | 1, T, 1, head_dim): broadcasts over heads
+            sin = sin.transpose(1, 2).to(compute)
+            if isinstance(start_pos, int) and start_pos == 0 and T == end:
+                mask, causal = None, T > 1  # a square causal block: SDPA's own causal mask is right
+            else:
+                mask, causal = _causal_mask(start_pos, T, end, tokens.device), False
+            rows = slice(offset, offset + B * T) if len(parts) > 1 else None
+            views.append((rows, B, T, cos, sin, mask, causal, start_pos, cache, end))
+            offset += B * T
+
+        tokens = parts[0][0].reshape(N) if len(parts) == 1 else torch.cat([t.reshape(-1) for t, _, _, _ in parts])
+        x = F.embedding(tokens, self.embed).to(compute)  # (N, dim)
         for i, L in enumerate(self.layers):
             h = _rms_norm(x, L.ln1, eps)
-            qkv = _mm(h, L.qkv, L.qkv_b).view(B, T, H + 2 * KV, hd)  # (B, T, heads, head_dim)
-            qk = qkv[:, :, :H + KV]  # (B, T, n_heads + n_kv_heads, head_dim)
-            qk = qk * cos + qk.roll(hd // 2, -1) * sin  # RoPE on q and k at once
-            q = qk[:, :, :H].transpose(1, 2)  # (B, n_heads, T, head_dim)
-            k = qk[:, :, H:].transpose(1, 2)  # (B, n_kv_heads, T, head_dim)
-            v = qkv[:, :, H + KV:].transpose(1, 2)  # (B, n_kv_heads, T, head_dim)
-            if cache is not None:
-                k, v = cache.update(i, start_pos, k, v, end)  # (B, n_kv_heads, end, head_dim)
-                if k.dtype != compute:
-                    k, v = k.to(compute), v.to(compute)
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=gqa)
-            out = out.transpose(1, 2).reshape(N, H * hd)  # (N, n_heads * head_dim)
+            qkv_all = _mm(h, L.qkv, L.qkv_b)  # (N, (n_heads + 2 * n_kv_heads) * head_dim)
+            outs = []
+            for rows, B, T, cos, sin, mask, causal, start_pos, cache, end in views:
+                qkv = (qkv_all if rows is None else qkv_all[rows]).view(B, T, H + 2 * KV, hd)  # (B, T, heads, hd)
+                qk = qkv[:, :, :H + KV]  # (B, T, n_heads + n_kv_heads, head_dim)
+                qk = qk * cos + qk.roll(hd // 2, -1) * sin  # RoPE on q and k at once
+                q = qk[:, :, :H].transpose(1, 2)  # (B, n_heads, T, head_dim)
+                k = qk[:, :, H:].transpose(1, 2)  # (B, n_kv_heads, T, head_dim)
+                v = qkv[:, :, H + KV:].transpose(1, 2)  # (B, n_kv_heads, T, head_dim)
+                if cache is not None:
+                    k, v = cache.update(i, start_pos, k, v, end)  # (B, n_kv_heads, end, head_dim)
+                    if k.dtype != compute:
+                        k, v = k.to(compute), v.to(compute)
+                out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=gqa)
+                outs.append(out.transpose(1, 2).reshape(B * T, H * hd))  # (B * T, n_heads * head_dim)
+            out = outs[0] if len(outs) == 1 else torch.cat(outs)
             x = _mm_add(x, out, L.o, L.o_b)
             h = _rms_norm(x, L.ln2, eps)
             gu = _mm(h, L.gate_up, L.gate_up_b)  # (N, 2 * ffn_dim)
             f = gu.shape[1] // 2
             x = _mm_add(x, F.silu(gu[:, :f]) * gu[:, f:], L.down, L.down_b)
-        x = x.view(B, T, -1)
-        if last_only:
-            x = x[:, -1:]
-        logits = _mm(_rms_norm(x.reshape(-1, x.shape[-1]), model.model.norm.weight.detach(), eps), self.lm_head, None)
-        return logits.view(B, x.shape[1], -1).to(dtype)
+        norm = model.model.norm.weight.detach()
+        if len(parts) == 1:
+            B, T = views[0][1], views[0][2]
+            x = x.view(B, T, -1)
+            if last_only:
+                x = x[:, -1:]
+            logits = _mm(_rms_norm(x.reshape(-1, x.shape[-1]), norm, eps), self.lm_head, None)
+            return logits.view(B, x.shape[1], -1).to(dtype)
+        last = torch.cat([x[rows].view(B, T, -1)[:, -1] for rows, B, T, *_ in views])  # (sum of B, dim)
+        return _mm(_rms_norm(last, norm, eps), self.lm_head, None).to(dtype)

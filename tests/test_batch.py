@@ -89,9 +89,10 @@ def test_finished_slot_takes_the_next_prompt_at_once(engine):
     items = [(k, [20 + k, 30, 40], Request(max_new_tokens=n, ignore_eos=True)) for k, n in enumerate(news)]
     decoder = BatchDecoder(engine, 2)
     order = [key for key, _ in decoder.run(items)]
-    # The first token of a row comes from its prefill; each further token costs one batched step. Slot 0 runs
-    # rows 0, 2, 3, 4 (1 step each) while slot 1 runs row 1 (9 steps): 9 steps; static batches would take 11.
-    assert decoder.steps == 9
+    # Every step is one forward, and a new row's prefill rides in the same forward as the other slot's decode.
+    # Slot 1 runs row 1 (its prefill, then 9 decode steps: 10 forwards) while slot 0 runs rows 0, 2, 3, 4 (a
+    # prefill and one decode step each: 8 forwards): 10 steps in all; static batches would take 10 + 2 + 2.
+    assert decoder.steps == 10
     assert order == [0, 2, 3, 4, 1]
 
 
@@ -104,6 +105,34 @@ def test_rows_at_the_end_move_into_free_slots(engine):
     for key, ids, req in items:
         assert results[key].token_ids == engine.generate(ids, req).token_ids
 
+
+
+def test_new_prompts_prefill_in_the_decode_step_within_a_token_budget(engine, monkeypatch):
+    """Free slots take waiting prompts in the same forward as the decoding rows, up to the step's prompt-token
+    budget; a prompt longer than the budget still goes in alone. Results equal one-at-a-time runs."""
+    import llamacli.engine as engine_module
+
+    monkeypatch.setattr(engine_module, "PREFILL_TOKENS_PER_STEP", 10)
+    items = [(0, list(range(3, 9)), Request(max_new_tokens=6, ignore_eos=True)),
+             (1, list(range(20, 26)), Request(max_new_tokens=6, ignore_eos=True)),
+             (2, list(range(40, 60)), Request(max_new_tokens=6, ignore_eos=True))]
+    seen = []
+    forward_last = engine.model.forward_last
+
+    def record(parts):
+        seen.append([tuple(t.shape) for t, _, _ in parts])
+        return forward_last(parts)
+
+    monkeypatch.setattr(engine.model, "forward_last", record)
+    decoder = BatchDecoder(engine, 3)
+    results = dict(decoder.run(items))
+    # Step 1 prefills item 0 (6 tokens; 6 more would pass 10); step 2 decodes it and prefills item 1; step 3
+    # decodes both and prefills the 20-token item 2 on its own budget.
+    assert seen[:3] == [[(1, 6)], [(1, 1), (1, 6)], [(2, 1), (1, 20)]]
+    assert all(shapes == [(3, 1)] for shapes in seen[3:5])
+    monkeypatch.setattr(engine.model, "forward_last", forward_last)
+    for key, ids, req in items:
+        assert results[key].token_ids == engine.generate(ids, req).token_ids
 
 def test_seeded_row_does_not_depend_on_its_batch_mates(engine):
     req = Request(max_new_tokens=15, sampling=SamplingParams(temperature=1.5), seed=7, ignore_eos=True)

@@ -48,3 +48,32 @@ def test_per_row_update_writes_each_row_at_its_position():
     keys, _ = cache.update(0, torch.tensor([3, 5]), k, k, end=6)
     assert torch.equal(cache.keys[0][0, :, 3], k[0, :, 0]) and torch.equal(cache.keys[0][1, :, 5], k[1, :, 0])
     assert keys.shape == (2, 2, 6, 16)
+
+
+def test_per_row_update_matches_indexing_for_several_tokens_and_a_row_view():
+    """The flat index_copy_ write equals writing each row's slice by hand, for T > 1 and a rows() view."""
+    cfg = CFG
+    cache = KVCache(cfg, 4, 16)
+    view = cache.rows(1, 4)
+    start = torch.tensor([0, 7, 3])
+    k = torch.randn(3, cfg.n_kv_heads, 5, cfg.head_dim)
+    v = torch.randn(3, cfg.n_kv_heads, 5, cfg.head_dim)
+    for layer in range(cfg.n_layers):
+        view.update(layer, start, k, v, end=12)
+    for layer in range(cfg.n_layers):
+        for b, p in enumerate(start.tolist()):
+            assert torch.equal(cache.keys[layer][1 + b, :, p:p + 5], k[b])
+            assert torch.equal(cache.values[layer][1 + b, :, p:p + 5], v[b])
+        assert not cache.keys[layer][0].any()  # row 0 is outside the view
+
+
+def test_per_row_update_notices_start_pos_changed_in_place():
+    cfg = CFG
+    cache = KVCache(cfg, 2, 8)
+    start = torch.tensor([1, 2])
+    one = torch.ones(2, cfg.n_kv_heads, 1, cfg.head_dim)
+    cache.update(0, start, one, one, end=3)
+    start += 2
+    cache.update(0, start, 2 * one, 2 * one, end=5)
+    assert torch.equal(cache.keys[0][0, :, 3], 2 * one[0, :, 0])
+    assert torch.equal(cache.keys[0][1, :, 4], 2 * one[1, :, 0])

@@ -145,3 +145,30 @@ def test_multi_token_step_with_per_row_positions(tiny_dir):
     out = model(torch.tensor([[4, 5, 6], [7, 8, 9]]), torch.tensor([len(a), len(b)]), cache)
     torch.testing.assert_close(out[0], model(torch.tensor([a + [4, 5, 6]]))[0, -3:], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(out[1], model(torch.tensor([b + [7, 8, 9]]))[0, -3:], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("pack", [True, False], ids=["packed", "plain"])
+@torch.no_grad()
+def test_forward_last_of_several_parts_equals_separate_forwards(tiny_dir, pack):
+    """Decoding rows and a new prompt's prefill in one pass give each row's separate last-position logits,
+    and write the same keys/values into the cache."""
+    model = load_model(tiny_dir, dtype="float32", device="cpu", pack=pack)
+    a, b, c, new = PROMPT[:9], PROMPT[5:20], PROMPT[2:6], PROMPT[1:12]
+    together, apart = KVCache(model.config, 4, 32), KVCache(model.config, 4, 32)
+    for cache in (together, apart):
+        for slot, ids in enumerate((a, b, c)):
+            if slot != 2:
+                model(torch.tensor([ids]), 0, cache.rows(slot, slot + 1))
+    # Rows 0 and 1 decode (per-row positions), row 2 prefills `new`, row 3 prefills c.
+    parts = [(torch.tensor([[11], [12]]), torch.tensor([len(a), len(b)]), together.rows(0, 2)),
+             (torch.tensor([new]), 0, together.rows(2, 3)),
+             (torch.tensor([c]), 0, together.rows(3, 4))]
+    got = model.forward_last(parts)
+    expected = torch.cat([model(torch.tensor([[11], [12]]), torch.tensor([len(a), len(b)]), apart.rows(0, 2))[:, -1],
+                          model(torch.tensor([new]), 0, apart.rows(2, 3))[:, -1],
+                          model(torch.tensor([c]), 0, apart.rows(3, 4))[:, -1]])
+    assert got.shape == (4, model.config.vocab_size)
+    torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-6)
+    for k_t, k_a, v_t, v_a in zip(together.keys, apart.keys, together.values, apart.values):
+        torch.testing.assert_close(k_t, k_a, atol=1e-6, rtol=1e-6)
+        torch.testing.assert_close(v_t, v_a, atol=1e-6, rtol=1e-6)
