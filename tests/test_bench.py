@@ -188,3 +188,23 @@ def test_bf16_is_packed_exactly_where_the_cpu_has_native_bf16(tiny_dir):
     ids = torch.tensor([PROMPT])
     with torch.no_grad():
         torch.testing.assert_close(model(ids).float(), plain(ids).float(), atol=3e-2, rtol=3e-2)
+
+
+def test_many_upcast_rows_are_packed_on_the_spot_with_the_same_result(monkeypatch):
+    """Above HALF_PACK_ROWS_MIN rows, half weights are upcast and oneDNN-packed per call: same product."""
+    import llamacli.model as model_module
+
+    torch.manual_seed(0)
+    w_t = torch.randn(40, 96).half().t()  # (in, out) view of an (out, in) fp16 weight, as the fast path holds
+    bias = torch.randn(40).half()
+    x = torch.randn(model_module.HALF_PACK_ROWS_MIN, 96)
+    want = torch.addmm(bias.float(), x, w_t.float())
+    torch.testing.assert_close(model_module._mm(x, w_t, bias), want, atol=1e-5, rtol=1e-5)
+    calls = []
+    reorder = torch.ops.mkldnn._reorder_linear_weight
+    monkeypatch.setattr(torch.ops.mkldnn, "_reorder_linear_weight", lambda *a: calls.append(a[1]) or reorder(*a),
+                        raising=False)
+    model_module._mm(x, w_t, bias)
+    model_module._mm(x[:8], w_t, bias)  # few rows: a plain upcast product, no pack
+    # Without oneDNN (some non-x86 builds) nothing is packed; the product above is then the plain one.
+    assert calls == ([model_module.HALF_PACK_ROWS_MIN] if model_module._onednn_available(torch.float32) else [])
