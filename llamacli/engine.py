@@ -358,7 +358,8 @@ class ChatSession:
 # the decoding rows ride along with a prefill almost for free instead of waiting for it. Rows sample with their
 # own generator and stop on their own (eos ids, stop strings, their max_new_tokens); a finished slot takes the
 # next waiting prompt in the next step, and once none is left the last active row moves into the hole so the
-# active rows stay 0..n-1 (one attention call per layer).
+# active rows stay 0..n-1 (one attention call per layer). A prefix every prompt shares (a system prompt, a
+# few-shot header) is prefilled once; each new row copies its keys/values and prefills only the rest.
 # =============================================================================================================
 
 
@@ -431,6 +432,7 @@ class _Row:
 
 
 PREFILL_TOKENS_PER_STEP = 2048  # prompt tokens one batch step may prefill beside its decoding rows
+SHARED_PREFIX_MIN = 16  # a prefix all prompts share is prefilled once when it is at least this long
 
 
 class BatchDecoder:
@@ -442,6 +444,7 @@ class BatchDecoder:
         self.engine = engine
         self.batch_size = batch_size
         self.steps = 0  # batched decode forwards run (for tests and benchmarks)
+        self._prefix: tuple[int, KVCache | None] = (0, None)  # the shared prompt prefix of the current run
         self.max_active = 0  # the most rows decoded together in one step
 
     @torch.inference_mode()
@@ -461,6 +464,7 @@ class BatchDecoder:
         max_batch = min(self.batch_size, len(waiting))
         cache = engine.new_cache(n_positions, max_batch=max_batch)
         slots: list[_Row | None] = [None] * max_batch  # slot i = cache row i; None = free
+        self._prefix = self._prefill_shared_prefix([ids for _, ids, _ in waiting])
 
         while True:
             new = self._plan_admissions(slots, waiting)
@@ -471,6 +475,22 @@ class BatchDecoder:
                 yield row.key, row.finish()
             if not waiting:  # nothing left to fill holes with: keep the active rows contiguous
                 self._compact(slots, cache)
+
+    def _prefill_shared_prefix(self, prompts: list[list[int]]) -> tuple[int, KVCache | None]:
+        """(length, keys/values) of the prefix every prompt shares, prefilled once; (0, None) when there is no
+        such prefix of SHARED_PREFIX_MIN tokens. Each prompt keeps at least its last token to prefill (its
+        logits give the first new token)."""
+        if len(prompts) < 2:
+            return 0, None
+        n = min(len(ids) for ids in prompts) - 1
+        first = prompts[0]
+        for ids in prompts[1:]:
+            n = next((j for j in range(n) if ids[j] != first[j]), n)
+            if n < SHARED_PREFIX_MIN:
+                return 0, None
+        cache = self.engine.new_cache(n)
+        self.engine.model(torch.tensor([first[:n]], device=self.engine.device), 0, cache, last_only=True)
+        return n, cache
 
     def _plan_admissions(self, slots: list[_Row | None], waiting: deque) -> dict[int, tuple]:
         """Take waiting items for free slots, lowest first, up to PREFILL_TOKENS_PER_STEP prompt tokens
@@ -514,8 +534,14 @@ class BatchDecoder:
             close_run()
             if i in new:
                 key, ids, req = new[i]
-                order.append((i, _Row(engine, key, ids, req), True))
-                parts.append((torch.tensor([ids], device=device), 0, cache.rows(i, i + 1)))
+                row = _Row(engine, key, ids, req)
+                n, prefix = self._prefix
+                if prefix is not None:  # the shared prefix's keys/values are computed: copy, prefill the rest
+                    for dst, src in zip(cache.keys + cache.values, prefix.keys + prefix.values):
+                        dst[i, :, :n] = src[0, :, :n]
+                    row.stats.prefill_tokens = len(ids) - n
+                order.append((i, row, True))
+                parts.append((torch.tensor([ids[n:]], device=device), n, cache.rows(i, i + 1)))
         close_run()
 
         self.steps += 1

@@ -134,6 +134,41 @@ def test_new_prompts_prefill_in_the_decode_step_within_a_token_budget(engine, mo
     for key, ids, req in items:
         assert results[key].token_ids == engine.generate(ids, req).token_ids
 
+
+def test_a_prefix_all_prompts_share_is_prefilled_once(engine, monkeypatch):
+    """A shared header (system prompt, few-shot examples) is computed once; each row copies its keys/values and
+    prefills only its own tokens, with the same results as one-at-a-time runs."""
+    header = list(range(100, 100 + 20))
+    tails = [[5, 6, 7], [8], list(range(30, 45)), [9, 10]]
+    items = [(k, header + tail, Request(max_new_tokens=8, ignore_eos=True)) for k, tail in enumerate(tails)]
+    items.append((4, header[:-1] + [1, 2], Request(max_new_tokens=8, ignore_eos=True)))  # shares 19 tokens
+    seen = []
+    forward_last = engine.model.forward_last
+
+    def record(parts):
+        seen.extend((tuple(t.shape), start) for t, start, _ in parts if t.shape[1] > 1)  # the prefills
+        return forward_last(parts)
+
+    monkeypatch.setattr(engine.model, "forward_last", record)
+    decoder = BatchDecoder(engine, 2)
+    results = dict(decoder.run(items))
+    # Every prompt is prefilled from position 19 on: its own tail (and the header's 20th token for the first four).
+    assert sorted(seen) == sorted([((1, 1 + len(tail)), 19) for tail in tails] + [((1, 2), 19)])
+    monkeypatch.setattr(engine.model, "forward_last", forward_last)
+    for key, ids, req in items:
+        assert results[key].token_ids == engine.generate(ids, req).token_ids
+        assert results[key].stats.prompt_tokens == len(ids)
+        assert results[key].stats.prefill_tokens == len(ids) - 19
+
+
+def test_a_short_shared_prefix_is_not_worth_a_separate_prefill(engine):
+    import llamacli.engine as engine_module
+
+    n = engine_module.SHARED_PREFIX_MIN - 1
+    items = [(k, list(range(100, 100 + n)) + [k + 1, 3], Request(max_new_tokens=3)) for k in range(3)]
+    results = dict(engine.stream_batch(items, 2))
+    assert all(r.stats.prefill_tokens == r.stats.prompt_tokens for r in results.values())
+
 def test_seeded_row_does_not_depend_on_its_batch_mates(engine):
     req = Request(max_new_tokens=15, sampling=SamplingParams(temperature=1.5), seed=7, ignore_eos=True)
     target = [33, 44, 55, 66]
