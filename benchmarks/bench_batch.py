@@ -1,6 +1,6 @@
 """Aggregate generated tokens/s of batched decoding on SmolLM2-135M-Instruct (fp32, CPU) at batch sizes 1..16.
 
-    python benchmarks/bench_batch.py [--max-new-tokens 64] [--batch-sizes 1,4,8,16] [--prompts 32]
+    python benchmarks/bench_batch.py [--max-new-tokens 64] [--batch-sizes 1,4,8,16] [--prompts 32] [--repetitions 3]
 
 32 chat prompts of mixed length (about 30 to 180 prompt tokens) go through `BatchDecoder` at each batch size,
 in the same process; a row ends at eos or max_new_tokens, as in real use. Aggregate = generated tokens / wall
@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -46,6 +47,7 @@ def main() -> None:
     ap.add_argument("--max-new-tokens", type=int, default=128)
     ap.add_argument("--batch-sizes", default="1,4,8,16")
     ap.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
+    ap.add_argument("--repetitions", type=int, default=1, help="runs of every batch size, alternating")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -67,29 +69,34 @@ def main() -> None:
     # Warm up kernels and allocator once, outside the measurements.
     list(BatchDecoder(engine, 4).run(items[:4]))
 
+    sizes = [int(b) for b in args.batch_sizes.split(",")]
     reference = None
-    rows = []
-    for bs in [int(b) for b in args.batch_sizes.split(",")]:
-        decoder = BatchDecoder(engine, bs)
-        t0 = time.perf_counter()
-        results = dict(decoder.run(items))
-        wall = time.perf_counter() - t0
-        generated = sum(len(r.token_ids) for r in results.values())
-        differ = 0
-        if reference is None:
-            reference = results
-        else:
+    walls: dict[int, list[float]] = {bs: [] for bs in sizes}
+    info: dict[int, tuple[int, int, int]] = {}  # batch size -> (generated, forwards, rows != first)
+    for rep in range(args.repetitions):  # the sizes alternate, so a busy spell on the machine hits them alike
+        for bs in sizes:
+            decoder = BatchDecoder(engine, bs)
+            t0 = time.perf_counter()
+            results = dict(decoder.run(items))
+            wall = time.perf_counter() - t0
+            generated = sum(len(r.token_ids) for r in results.values())
+            if reference is None:
+                reference = results
             differ = sum(results[k].token_ids != reference[k].token_ids for k in results)
-        rows.append((bs, generated, wall, generated / wall, decoder.steps, generated / decoder.steps, differ))
-        print(f"  batch {bs}: {generated} tokens in {wall:.1f} s", file=sys.stderr, flush=True)
+            walls[bs].append(wall)
+            info[bs] = (generated, decoder.steps, max(differ, info.get(bs, (0, 0, 0))[2]))
+            print(f"  run {rep + 1}, batch {bs}: {generated} tokens in {wall:.1f} s", file=sys.stderr, flush=True)
 
-    base = rows[0][3]
-    print(f"{'batch':>5} {'generated':>9} {'wall s':>8} {'tok/s':>8} {'x batch1':>8} {'forwards':>8} "
-          f"{'rows/forward':>12} {'rows != first':>13}")
-    for bs, generated, wall, tps, steps, per_step, differ in rows:
-        print(f"{bs:>5} {generated:>9} {wall:>8.2f} {tps:>8.1f} {tps / base:>8.2f} {steps:>8} {per_step:>12.2f} "
-              f"{differ:>13}")
-
+    tps = {bs: info[bs][0] / statistics.median(walls[bs]) for bs in sizes}
+    base = tps[sizes[0]]
+    print(f"median of {args.repetitions} run(s); x batch{sizes[0]} compares medians; range = slowest..fastest run")
+    print(f"{'batch':>5} {'generated':>9} {'wall s':>8} {'tok/s':>8} {'range':>13} {'x batch' + str(sizes[0]):>8} "
+          f"{'forwards':>8} {'rows/forward':>12} {'rows != first':>13}")
+    for bs in sizes:
+        generated, steps, differ = info[bs]
+        spread = f"{generated / max(walls[bs]):.1f}..{generated / min(walls[bs]):.1f}"
+        print(f"{bs:>5} {generated:>9} {statistics.median(walls[bs]):>8.2f} {tps[bs]:>8.1f} {spread:>13} "
+              f"{tps[bs] / base:>8.2f} {steps:>8} {generated / steps:>12.2f} {differ:>13}")
 
 if __name__ == "__main__":
     main()
