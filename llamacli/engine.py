@@ -480,8 +480,11 @@ class BatchDecoder:
         """(length, keys/values) of the prefix every prompt shares, prefilled once; (0, None) when there is no
         such prefix of SHARED_PREFIX_MIN tokens. Each prompt keeps at least its last token to prefill (its
         logits give the first new token)."""
+        cfg = self.engine.config
         if len(prompts) < 2:
             return 0, None
+        if cfg.rope_type == "dynamic" and max(len(ids) for ids in prompts) > cfg.max_seq_len:
+            return 0, None  # past the context, dynamic NTK rotates by the whole prompt's length: no reuse
         n = min(len(ids) for ids in prompts) - 1
         first = prompts[0]
         for ids in prompts[1:]:

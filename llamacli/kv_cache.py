@@ -52,6 +52,8 @@ class KVCache:
 
     def rows(self, start: int, stop: int) -> "KVCache":
         """A view of batch rows [start, stop) sharing this cache's memory (e.g. to prefill one slot)."""
+        if start == 0 and stop == self.max_batch:
+            return self
         view = KVCache.__new__(KVCache)
         view.max_batch = stop - start
         view.max_seq_len = self.max_seq_len

@@ -169,6 +169,24 @@ def test_a_short_shared_prefix_is_not_worth_a_separate_prefill(engine):
     results = dict(engine.stream_batch(items, 2))
     assert all(r.stats.prefill_tokens == r.stats.prompt_tokens for r in results.values())
 
+
+def test_no_prefix_reuse_past_a_dynamic_ntk_context(tmp_path):
+    """Dynamic NTK rotates every position by the whole prompt's length once it passes the context, so a
+    prefix computed alone would differ: batches of such prompts prefill each prompt whole, as single runs do."""
+    from tests.conftest import write_tiny_checkpoint
+
+    model_dir = write_tiny_checkpoint(tmp_path / "dyn", max_position_embeddings=24,
+                                      rope_scaling={"rope_type": "dynamic", "factor": 4.0})
+    from llamacli.weights import load_model
+
+    dyn = Engine(load_model(model_dir, dtype="float32", device="cpu"), None, None)
+    header = list(range(3, 23))
+    items = [(k, header + [30 + k] * (k + 5), Request(max_new_tokens=4, ignore_eos=True)) for k in range(3)]
+    results = dict(dyn.stream_batch(items, 2))
+    for key, ids, req in items:
+        assert results[key].stats.prefill_tokens == len(ids)
+        assert results[key].token_ids == dyn.generate(ids, req).token_ids
+
 def test_seeded_row_does_not_depend_on_its_batch_mates(engine):
     req = Request(max_new_tokens=15, sampling=SamplingParams(temperature=1.5), seed=7, ignore_eos=True)
     target = [33, 44, 55, 66]
