@@ -97,12 +97,14 @@ class KVCache:
         """Write k, v (B, n_kv_heads, T, head_dim) at start_pos; return keys/values for positions [0, end)."""
         B, _, T, _ = k.shape
         keys, values = self.keys[layer], self.values[layer]
+        if B != keys.shape[0]:
+            keys, values = keys[:B], values[:B]
         if isinstance(start_pos, int):
-            keys[:B, :, start_pos:start_pos + T] = k
-            values[:B, :, start_pos:start_pos + T] = v
+            keys.narrow(2, start_pos, T).copy_(k)  # narrow: one view op per write, this runs 2 x layers per token
+            values.narrow(2, start_pos, T).copy_(v)
         else:  # one position per row: one index_copy_ into the flattened cache (advanced indexing is ~4x slower)
             index = self._row_index(start_pos, keys.shape, B, T, k.device)
             D = k.shape[-1]
             keys.view(-1, D).index_copy_(0, index, k.reshape(-1, D))  # rows of k in (B, n_kv_heads, T) order
             values.view(-1, D).index_copy_(0, index, v.reshape(-1, D))
-        return keys[:B, :, :end], values[:B, :, :end]
+        return keys.narrow(2, 0, end), values.narrow(2, 0, end)
