@@ -147,12 +147,13 @@ def test_multi_token_step_with_per_row_positions(tiny_dir):
     torch.testing.assert_close(out[1], model(torch.tensor([b + [7, 8, 9]]))[0, -3:], atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("pack", [True, False], ids=["packed", "plain"])
+@pytest.mark.parametrize("fuse,pack", [(True, True), (True, False), (False, False)],
+                         ids=["packed", "fused", "reference"])
 @torch.no_grad()
-def test_forward_last_of_several_parts_equals_separate_forwards(tiny_dir, pack):
+def test_forward_last_of_several_parts_equals_separate_forwards(tiny_dir, fuse, pack):
     """Decoding rows and a new prompt's prefill in one pass give each row's separate last-position logits,
     and write the same keys/values into the cache."""
-    model = load_model(tiny_dir, dtype="float32", device="cpu", pack=pack)
+    model = load_model(tiny_dir, dtype="float32", device="cpu", fuse=fuse, pack=pack)
     a, b, c, new = PROMPT[:9], PROMPT[5:20], PROMPT[2:6], PROMPT[1:12]
     together, apart = KVCache(model.config, 4, 32), KVCache(model.config, 4, 32)
     for cache in (together, apart):
