@@ -443,7 +443,7 @@ class BatchDecoder:
             raise UsageError(f"batch-size must be an integer >= 1, got {batch_size!r}")
         self.engine = engine
         self.batch_size = batch_size
-        self.steps = 0  # batched decode forwards run (for tests and benchmarks)
+        self.steps = 0  # forwards run, each decoding the active rows and prefilling new ones (tests, benchmarks)
         self._prefix: tuple[int, KVCache | None] = (0, None)  # the shared prompt prefix of the current run
         self.max_active = 0  # the most rows decoded together in one step
 
@@ -496,14 +496,14 @@ class BatchDecoder:
         return n, cache
 
     def _plan_admissions(self, slots: list[_Row | None], waiting: deque) -> dict[int, tuple]:
-        """Take waiting items for free slots, lowest first, up to PREFILL_TOKENS_PER_STEP prompt tokens
+        """Take waiting items for free slots, lowest first, up to PREFILL_TOKENS_PER_STEP tokens to prefill
         (always at least one, however long)."""
         new: dict[int, tuple] = {}
         tokens = 0
         for i, row in enumerate(slots):
             if row is not None or not waiting:
                 continue
-            n = len(waiting[0][1])
+            n = len(waiting[0][1]) - self._prefix[0]  # the shared prefix is not prefilled again
             if new and tokens + n > PREFILL_TOKENS_PER_STEP:
                 break
             new[i] = waiting.popleft()
