@@ -540,8 +540,7 @@ class BatchDecoder:
                 row = _Row(engine, key, ids, req)
                 n, prefix = self._prefix
                 if prefix is not None:  # the shared prefix's keys/values are computed: copy, prefill the rest
-                    for dst, src in zip(cache.keys + cache.values, prefix.keys + prefix.values):
-                        dst[i, :, :n] = src[0, :, :n]
+                    cache.copy_prefix(i, prefix, 0, n)
                     row.stats.prefill_tokens = len(ids) - n
                 order.append((i, row, True))
                 parts.append((torch.tensor([ids[n:]], device=device), n, cache.rows(i, i + 1)))
@@ -573,12 +572,5 @@ class BatchDecoder:
             last = max((i for i, r in enumerate(slots) if r is not None), default=-1)
             if not holes or holes[0] > last:
                 return
-            self._move(cache, last, holes[0], slots[last].pos)
+            cache.move_row(last, holes[0], slots[last].pos)
             slots[holes[0]], slots[last] = slots[last], None
-
-    @staticmethod
-    def _move(cache: KVCache, src: int, dst: int, n_positions: int) -> None:
-        """Copy cache row src's first n_positions keys/values into row dst (every layer)."""
-        for keys, values in zip(cache.keys, cache.values):
-            keys[dst, :, :n_positions] = keys[src, :, :n_positions]
-            values[dst, :, :n_positions] = values[src, :, :n_positions]

@@ -1,5 +1,11 @@
 """The preallocated key/value cache: per layer, keys and values for `max_batch x max_seq_len` positions,
 written at `start_pos`, read up to `start_pos + T`. Allocated once per generation; its size is known first.
+
+Positions are the last axis: each layer's keys and values are (max_batch, n_kv_heads, head_dim, max_seq_len).
+Decoding multiplies every head's queries by its keys as one (head_dim, positions) matrix and its softmax
+weights by its values the same way (`model.decode_attention`), which streams the cache faster than SDPA over
+(positions, head_dim) rows: SmolLM2 shapes, 30 layers of cache in DRAM, 2 threads, 8 rows at 80..300
+positions: 250 vs 353 us per layer; 3 rows 92 vs 140; 1 row 51 vs 46.
 """
 
 from __future__ import annotations
@@ -17,7 +23,7 @@ def cache_bytes(config: LlamaConfig, max_batch: int, max_seq_len: int, dtype: to
 
 
 class KVCache:
-    """Keys and values of every layer, shape (max_batch, n_kv_heads, max_seq_len, head_dim) each."""
+    """Keys and values of every layer, shape (max_batch, n_kv_heads, head_dim, max_seq_len) each."""
 
     def __init__(self, config: LlamaConfig, max_batch: int, max_seq_len: int,
                  dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
@@ -30,7 +36,7 @@ class KVCache:
         if _storage is not None:
             self.keys, self.values = _storage
         else:
-            shape = (max_batch, config.n_kv_heads, max_seq_len, config.head_dim)
+            shape = (max_batch, config.n_kv_heads, config.head_dim, max_seq_len)
             self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.n_layers)]
             self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.n_layers)]
 
@@ -77,34 +83,43 @@ class KVCache:
             )
         return end
 
-    def _row_index(self, start_pos: torch.Tensor, shape: torch.Size, B: int, T: int,
-                   device: torch.device) -> torch.Tensor:
-        """Flat (B * n_kv_heads * T,) row indices of positions start_pos[b] + t in a (max_batch, n_kv_heads,
-        max_seq_len, head_dim) layer; computed once per forward (every layer writes the same places)."""
+    def _flat_index(self, start_pos: torch.Tensor, shape: torch.Size, B: int, T: int,
+                    device: torch.device) -> torch.Tensor:
+        """Flat (B * n_kv_heads * head_dim * T,) indices of positions start_pos[b] + t in a layer, in
+        (row, head, dim, t) order; computed once per forward (every layer writes the same places)."""
         memo = self._index_memo
         key = (B, T, tuple(start_pos.tolist()))  # by value: start_pos may be changed in place between calls
         if memo is not None and memo[0] == key:
             return memo[1]
-        _, n_kv, S, _ = shape
-        base = (torch.arange(B, device=device) * n_kv)[:, None] + torch.arange(n_kv, device=device)  # (B, n_kv)
+        _, n_kv, D, S = shape
+        base = torch.arange(B * n_kv * D, device=device).view(B, n_kv * D) * S  # (B, n_kv * D)
         pos = start_pos.to(device)[:, None] + torch.arange(T, device=device)  # (B, T)
-        index = (base[:, :, None] * S + pos[:, None, :]).reshape(-1)  # (B * n_kv * T,)
+        index = (base[:, :, None] + pos[:, None, :]).reshape(-1)  # (B * n_kv * D * T,)
         self._index_memo = (key, index)
         return index
 
     def update(self, layer: int, start_pos: int | torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                end: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write k, v (B, n_kv_heads, T, head_dim) at start_pos; return keys/values for positions [0, end)."""
+        """Write k, v (B, n_kv_heads, T, head_dim) at start_pos; return this layer's keys and values for
+        positions [0, end) as (B, n_kv_heads, head_dim, end) views."""
         B, _, T, _ = k.shape
         keys, values = self.keys[layer], self.values[layer]
         if B != keys.shape[0]:
             keys, values = keys[:B], values[:B]
         if isinstance(start_pos, int):
-            keys.narrow(2, start_pos, T).copy_(k)  # narrow: one view op per write, this runs 2 x layers per token
-            values.narrow(2, start_pos, T).copy_(v)
-        else:  # one position per row: one index_copy_ into the flattened cache (advanced indexing is ~4x slower)
-            index = self._row_index(start_pos, keys.shape, B, T, k.device)
-            D = k.shape[-1]
-            keys.view(-1, D).index_copy_(0, index, k.reshape(-1, D))  # rows of k in (B, n_kv_heads, T) order
-            values.view(-1, D).index_copy_(0, index, v.reshape(-1, D))
-        return keys.narrow(2, 0, end), values.narrow(2, 0, end)
+            keys.narrow(3, start_pos, T).copy_(k.transpose(-1, -2))  # narrow: one view op, 2 x layers per token
+            values.narrow(3, start_pos, T).copy_(v.transpose(-1, -2))
+        else:  # one position per row: one put_ into the flattened layer (advanced indexing is ~2x slower)
+            index = self._flat_index(start_pos, keys.shape, B, T, k.device)
+            keys.view(-1).put_(index, k.transpose(-1, -2).reshape(-1))  # a view when T == 1
+            values.view(-1).put_(index, v.transpose(-1, -2).reshape(-1))
+        return keys.narrow(3, 0, end), values.narrow(3, 0, end)
+
+    def copy_prefix(self, row: int, source: "KVCache", source_row: int, n_positions: int) -> None:
+        """Copy positions [0, n_positions) of `source`'s row into this cache's `row` (every layer)."""
+        for dst, src in zip(self.keys + self.values, source.keys + source.values):
+            dst[row, ..., :n_positions] = src[source_row, ..., :n_positions]
+
+    def move_row(self, src: int, dst: int, n_positions: int) -> None:
+        """Copy row src's positions [0, n_positions) into row dst (every layer); row src is left as it was."""
+        self.copy_prefix(dst, self, src, n_positions)

@@ -56,7 +56,8 @@ class Attention(nn.Module):
         q = apply_rope(q, cos, sin)
         k = apply_rope(k, cos, sin)
         if cache is not None:
-            k, v = cache.update(self.layer, start_pos, k, v, end)  # (B, n_kv, end, head_dim)
+            k, v = cache.update(self.layer, start_pos, k, v, end)  # (B, n_kv, head_dim, end)
+            k, v = k.transpose(-1, -2).contiguous(), v.transpose(-1, -2).contiguous()  # (B, n_kv, end, head_dim)
         out = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, enable_gqa=self.n_kv_heads != self.n_heads
         )  # (B, n_heads, T, head_dim)
@@ -353,6 +354,39 @@ def _mm_add(residual: torch.Tensor, x: torch.Tensor, w_t: torch.Tensor, bias: to
     return residual + _mm(x, w_t, bias)
 
 
+def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+                     mask: torch.Tensor | None) -> torch.Tensor:
+    """Attention of one new token per row over the cache, grouped-query, in q's dtype: (B, n_heads * head_dim).
+
+    q (B, n_heads, 1, head_dim); keys and values (B, n_kv_heads, head_dim, end) as the cache stores them; mask
+    None (every row sees all `end` positions) or additive (B * n_kv_heads, group, end), 0 or -inf (see
+    `decode_mask`). Each kv head's `group` query heads form one (group, head_dim) matrix, so every key and
+    value is read once per row, as two batched products over (head_dim, positions) matrices. The softmax is
+    taken in fp32, as transformers' eager attention does.
+    """
+    B, H, _, hd = q.shape
+    KV, end = keys.shape[1], keys.shape[3]
+    q = q.reshape(B * KV, H // KV, hd)  # query heads h = kv * group + g, as HF repeats kv heads
+    keys = keys.reshape(B * KV, hd, end)  # views: rows and heads merge
+    values = values.reshape(B * KV, hd, end)
+    if mask is None:
+        scores = torch.bmm(q, keys).mul_(hd ** -0.5)
+    else:
+        scores = torch.baddbmm(mask, q, keys, alpha=hd ** -0.5)  # (B * n_kv, group, end)
+    p = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+    out = torch.bmm(values, p.transpose(1, 2))  # (B * n_kv, head_dim, group): faster than p @ values^T here
+    return out.transpose(1, 2).reshape(B, H * hd)
+
+
+def decode_mask(start_pos: torch.Tensor, end: int, n_kv_heads: int, group: int,
+                dtype: torch.dtype) -> torch.Tensor:
+    """The additive mask of `decode_attention` for rows at positions start_pos (B,): row b sees [0, start_pos[b]]."""
+    B = start_pos.shape[0]
+    seen = torch.arange(end, device=start_pos.device)[None, :] <= start_pos[:, None]  # (B, end)
+    mask = torch.zeros((B, end), dtype=dtype, device=start_pos.device).masked_fill_(~seen, float("-inf"))
+    return mask[:, None, None].expand(B, n_kv_heads, group, end).reshape(B * n_kv_heads, group, end)
+
+
 def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """RMSNorm as transformers computes it: in fp32, cast back, then scaled."""
     if x.dtype == torch.float32 and weight.dtype == torch.float32:
@@ -475,6 +509,10 @@ class _Fused:
             sin = sin.transpose(1, 2).to(compute)
             if isinstance(start_pos, int) and start_pos == 0 and T == end:
                 mask, causal = None, T > 1  # a square causal block: SDPA's own causal mask is right
+            elif T == 1 and cache is not None:  # decoding: None when every row sees the whole [0, end)
+                mask = None if isinstance(start_pos, int) else decode_mask(
+                    start_pos.to(tokens.device), end, KV, H // KV, _attention_dtype(compute, T, self.device))
+                causal = False
             else:
                 mask, causal = _causal_mask(start_pos, T, end, tokens.device), False
             rows = slice(offset, offset + B * T) if len(parts) > 1 else None
@@ -494,9 +532,15 @@ class _Fused:
                 q = qk[:, :, :H].transpose(1, 2)  # (B, n_heads, T, head_dim)
                 k = qk[:, :, H:].transpose(1, 2)  # (B, n_kv_heads, T, head_dim)
                 v = qkv[:, :, H + KV:].transpose(1, 2)  # (B, n_kv_heads, T, head_dim)
-                if cache is not None:
-                    k, v = cache.update(i, start_pos, k, v, end)  # (B, n_kv_heads, end, head_dim)
                 att = _attention_dtype(compute, T, self.device)
+                if cache is not None:
+                    keys, values = cache.update(i, start_pos, k, v, end)  # (B, n_kv_heads, head_dim, end)
+                    if T == 1:
+                        out = decode_attention(q.to(att), keys.to(att), values.to(att), mask)
+                        outs.append(out if out.dtype == compute else out.to(compute))
+                        continue
+                    if not (isinstance(start_pos, int) and start_pos == 0):  # else the keys are all in k, v
+                        k, v = keys.transpose(-1, -2).contiguous(), values.transpose(-1, -2).contiguous()
                 if q.dtype != att:
                     q = q.to(att)
                 if k.dtype != att:

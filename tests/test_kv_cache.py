@@ -46,12 +46,14 @@ def test_per_row_update_writes_each_row_at_its_position():
     cache = KVCache(CFG, 2, 8)
     k = torch.randn(2, 2, 1, 16)
     keys, _ = cache.update(0, torch.tensor([3, 5]), k, k, end=6)
-    assert torch.equal(cache.keys[0][0, :, 3], k[0, :, 0]) and torch.equal(cache.keys[0][1, :, 5], k[1, :, 0])
-    assert keys.shape == (2, 2, 6, 16)
+    # positions are the last axis: (max_batch, n_kv_heads, head_dim, max_seq_len)
+    assert torch.equal(cache.keys[0][0, :, :, 3], k[0, :, 0]) and torch.equal(cache.keys[0][1, :, :, 5], k[1, :, 0])
+    assert keys.shape == (2, 2, 16, 6)
+    assert not cache.keys[0][0, :, :, [0, 1, 2, 4, 5, 6, 7]].any() and not cache.keys[0][1, :, :, :5].any()
 
 
 def test_per_row_update_matches_indexing_for_several_tokens_and_a_row_view():
-    """The flat index_copy_ write equals writing each row's slice by hand, for T > 1 and a rows() view."""
+    """The flat put_ write equals writing each row's slice by hand, for T > 1 and a rows() view."""
     cfg = CFG
     cache = KVCache(cfg, 4, 16)
     view = cache.rows(1, 4)
@@ -62,8 +64,8 @@ def test_per_row_update_matches_indexing_for_several_tokens_and_a_row_view():
         view.update(layer, start, k, v, end=12)
     for layer in range(cfg.n_layers):
         for b, p in enumerate(start.tolist()):
-            assert torch.equal(cache.keys[layer][1 + b, :, p:p + 5], k[b])
-            assert torch.equal(cache.values[layer][1 + b, :, p:p + 5], v[b])
+            assert torch.equal(cache.keys[layer][1 + b, ..., p:p + 5], k[b].transpose(-1, -2))
+            assert torch.equal(cache.values[layer][1 + b, ..., p:p + 5], v[b].transpose(-1, -2))
         assert not cache.keys[layer][0].any()  # row 0 is outside the view
 
 
@@ -75,5 +77,23 @@ def test_per_row_update_notices_start_pos_changed_in_place():
     cache.update(0, start, one, one, end=3)
     start += 2
     cache.update(0, start, 2 * one, 2 * one, end=5)
-    assert torch.equal(cache.keys[0][0, :, 3], 2 * one[0, :, 0])
-    assert torch.equal(cache.keys[0][1, :, 4], 2 * one[1, :, 0])
+    assert torch.equal(cache.keys[0][0, :, :, 3], 2 * one[0, :, 0])
+    assert torch.equal(cache.keys[0][1, :, :, 4], 2 * one[1, :, 0])
+
+
+def test_copy_prefix_and_move_row_copy_positions_of_every_layer():
+    source = KVCache(CFG, 1, 8)
+    for layer in range(CFG.n_layers):
+        source.keys[layer].normal_()
+        source.values[layer].normal_()
+    cache = KVCache(CFG, 3, 10)
+    cache.copy_prefix(2, source, 0, 5)
+    for layer in range(CFG.n_layers):
+        assert torch.equal(cache.keys[layer][2, ..., :5], source.keys[layer][0, ..., :5])
+        assert torch.equal(cache.values[layer][2, ..., :5], source.values[layer][0, ..., :5])
+        assert not cache.keys[layer][2, ..., 5:].any() and not cache.keys[layer][:2].any()
+    cache.move_row(2, 0, 4)
+    for layer in range(CFG.n_layers):
+        assert torch.equal(cache.keys[layer][0, ..., :4], source.keys[layer][0, ..., :4])
+        assert torch.equal(cache.values[layer][0, ..., :4], source.values[layer][0, ..., :4])
+        assert not cache.keys[layer][0, ..., 4:].any()

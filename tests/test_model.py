@@ -173,3 +173,28 @@ def test_forward_last_of_several_parts_equals_separate_forwards(tiny_dir, fuse, 
     for k_t, k_a, v_t, v_a in zip(together.keys, apart.keys, together.values, apart.values):
         torch.testing.assert_close(k_t, k_a, atol=1e-6, rtol=1e-6)
         torch.testing.assert_close(v_t, v_a, atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_decode_attention_equals_sdpa_with_per_row_lengths(dtype):
+    """The decode attention over the positions-last cache equals SDPA over (positions, head_dim) keys, with
+    grouped-query heads and rows that see different numbers of positions."""
+    import torch.nn.functional as F
+
+    from llamacli.model import decode_attention, decode_mask
+
+    torch.manual_seed(0)
+    B, H, KV, hd, end = 4, 6, 2, 16, 11
+    q = torch.randn(B, H, 1, hd, dtype=dtype)
+    k = torch.randn(B, KV, end, hd, dtype=dtype)
+    v = torch.randn(B, KV, end, hd, dtype=dtype)
+    start_pos = torch.tensor([10, 0, 4, 7])
+    seen = (torch.arange(end)[None, :] <= start_pos[:, None])[:, None, None]  # (B, 1, 1, end)
+    want = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=seen, enable_gqa=True)
+    got = decode_attention(q, k.transpose(-1, -2), v.transpose(-1, -2), decode_mask(start_pos, end, KV, H // KV, dtype))
+    tol = dict(atol=1e-6, rtol=1e-5) if dtype == torch.float32 else dict(atol=2e-2, rtol=2e-2)
+    torch.testing.assert_close(got.float(), want.transpose(1, 2).reshape(B, H * hd), **tol)
+    # Without a mask every row sees all positions.
+    full = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), enable_gqa=True)
+    got = decode_attention(q, k.transpose(-1, -2), v.transpose(-1, -2), None)
+    torch.testing.assert_close(got.float(), full.transpose(1, 2).reshape(B, H * hd), **tol)
