@@ -366,13 +366,11 @@ def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
     """
     B, H, _, hd = q.shape
     KV, end = keys.shape[1], keys.shape[3]
-    q = q.reshape(B * KV, H // KV, hd)  # query heads h = kv * group + g, as HF repeats kv heads
+    # Scaling q rather than the scores saves an op; 1/sqrt(head_dim) is a power of two for 64 and 256 (exact).
+    q = (q * hd ** -0.5).reshape(B * KV, H // KV, hd)  # query heads h = kv * group + g, as HF repeats kv heads
     keys = keys.reshape(B * KV, hd, end)  # views: rows and heads merge
     values = values.reshape(B * KV, hd, end)
-    if mask is None:
-        scores = torch.bmm(q, keys).mul_(hd ** -0.5)
-    else:
-        scores = torch.baddbmm(mask, q, keys, alpha=hd ** -0.5)  # (B * n_kv, group, end)
+    scores = torch.bmm(q, keys) if mask is None else torch.baddbmm(mask, q, keys)  # (B * n_kv, group, end)
     p = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
     out = torch.bmm(values, p.transpose(1, 2))  # (B * n_kv, head_dim, group): faster than p @ values^T here
     return out.transpose(1, 2).reshape(B, H * hd)
