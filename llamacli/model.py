@@ -56,8 +56,9 @@ class Attention(nn.Module):
         q = apply_rope(q, cos, sin)
         k = apply_rope(k, cos, sin)
         if cache is not None:
-            k, v = cache.update(self.layer, start_pos, k, v, end)  # (B, n_kv, head_dim, end)
-            k, v = k.transpose(-1, -2).contiguous(), v.transpose(-1, -2).contiguous()  # (B, n_kv, end, head_dim)
+            k, v = cache.update(self.layer, start_pos, k, v, end)  # (B, n_kv, end, head_dim)
+            if cache.positions_last:  # transposed views: SDPA wants head_dim contiguous
+                k, v = k.contiguous(), v.contiguous()
         out = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, enable_gqa=self.n_kv_heads != self.n_heads
         )  # (B, n_heads, T, head_dim)
@@ -507,7 +508,7 @@ class _Fused:
             sin = sin.transpose(1, 2).to(compute)
             if isinstance(start_pos, int) and start_pos == 0 and T == end:
                 mask, causal = None, T > 1  # a square causal block: SDPA's own causal mask is right
-            elif T == 1 and cache is not None:  # decoding: None when every row sees the whole [0, end)
+            elif T == 1 and cache is not None and cache.positions_last:  # None: all rows see [0, end)
                 mask = None if isinstance(start_pos, int) else decode_mask(
                     start_pos.to(tokens.device), end, KV, H // KV, _attention_dtype(compute, T, self.device))
                 causal = False
@@ -532,13 +533,16 @@ class _Fused:
                 v = qkv[:, :, H + KV:].transpose(1, 2)  # (B, n_kv_heads, T, head_dim)
                 att = _attention_dtype(compute, T, self.device)
                 if cache is not None:
-                    keys, values = cache.update(i, start_pos, k, v, end)  # (B, n_kv_heads, head_dim, end)
-                    if T == 1:
-                        out = decode_attention(q.to(att), keys.to(att), values.to(att), mask)
+                    keys, values = cache.update(i, start_pos, k, v, end)  # (B, n_kv_heads, end, head_dim)
+                    if not cache.positions_last:
+                        k, v = keys, values
+                    elif T == 1:
+                        keys, values = keys.transpose(-1, -2).to(att), values.transpose(-1, -2).to(att)
+                        out = decode_attention(q.to(att), keys, values, mask)
                         outs.append(out if out.dtype == compute else out.to(compute))
                         continue
-                    if not (isinstance(start_pos, int) and start_pos == 0):  # else the keys are all in k, v
-                        k, v = keys.transpose(-1, -2).contiguous(), values.transpose(-1, -2).contiguous()
+                    elif not (isinstance(start_pos, int) and start_pos == 0):  # else all keys are in k, v
+                        k, v = keys.contiguous(), values.contiguous()
                 if q.dtype != att:
                     q = q.to(att)
                 if k.dtype != att:

@@ -42,20 +42,31 @@ def test_overflow_is_raised_before_any_compute(tiny_dir):
     assert all(float(k.abs().sum()) == 0 for k in cache.keys)  # nothing was written
 
 
-def test_per_row_update_writes_each_row_at_its_position():
-    cache = KVCache(CFG, 2, 8)
+@pytest.mark.parametrize("positions_last", [False, True])
+def test_per_row_update_writes_each_row_at_its_position(positions_last):
+    cache = KVCache(CFG, 2, 8, positions_last=positions_last)
     k = torch.randn(2, 2, 1, 16)
     keys, _ = cache.update(0, torch.tensor([3, 5]), k, k, end=6)
-    # positions are the last axis: (max_batch, n_kv_heads, head_dim, max_seq_len)
-    assert torch.equal(cache.keys[0][0, :, :, 3], k[0, :, 0]) and torch.equal(cache.keys[0][1, :, :, 5], k[1, :, 0])
-    assert keys.shape == (2, 2, 16, 6)
-    assert not cache.keys[0][0, :, :, [0, 1, 2, 4, 5, 6, 7]].any() and not cache.keys[0][1, :, :, :5].any()
+    assert keys.shape == (2, 2, 6, 16)
+    assert torch.equal(keys[0, :, 3], k[0, :, 0]) and torch.equal(keys[1, :, 5], k[1, :, 0])
+    row0, row1 = cache.row(0, 0)[0], cache.row(0, 1)[0]  # (n_kv_heads, max_seq_len, head_dim)
+    assert torch.equal(row0[:, 3], k[0, :, 0]) and torch.equal(row1[:, 5], k[1, :, 0])
+    assert not row0[:, [0, 1, 2, 4, 5, 6, 7]].any() and not row1[:, :5].any()
+    shape = (2, 2, 16, 8) if positions_last else (2, 2, 8, 16)
+    assert cache.keys[0].shape == shape
 
 
-def test_per_row_update_matches_indexing_for_several_tokens_and_a_row_view():
-    """The flat put_ write equals writing each row's slice by hand, for T > 1 and a rows() view."""
+def test_layout_follows_the_number_of_rows():
+    assert not KVCache(CFG, 1, 8).positions_last
+    assert KVCache(CFG, 2, 8).positions_last
+    assert KVCache(CFG, 4, 8).rows(1, 2).positions_last
+
+
+@pytest.mark.parametrize("positions_last", [False, True])
+def test_per_row_update_matches_indexing_for_several_tokens_and_a_row_view(positions_last):
+    """The flat write equals writing each row's slice by hand, for T > 1 and a rows() view."""
     cfg = CFG
-    cache = KVCache(cfg, 4, 16)
+    cache = KVCache(cfg, 4, 16, positions_last=positions_last)
     view = cache.rows(1, 4)
     start = torch.tensor([0, 7, 3])
     k = torch.randn(3, cfg.n_kv_heads, 5, cfg.head_dim)
@@ -64,36 +75,41 @@ def test_per_row_update_matches_indexing_for_several_tokens_and_a_row_view():
         view.update(layer, start, k, v, end=12)
     for layer in range(cfg.n_layers):
         for b, p in enumerate(start.tolist()):
-            assert torch.equal(cache.keys[layer][1 + b, ..., p:p + 5], k[b].transpose(-1, -2))
-            assert torch.equal(cache.values[layer][1 + b, ..., p:p + 5], v[b].transpose(-1, -2))
+            keys, values = cache.row(layer, 1 + b)
+            assert torch.equal(keys[:, p:p + 5], k[b]) and torch.equal(values[:, p:p + 5], v[b])
+            outside = torch.ones(keys.shape[1], dtype=torch.bool)
+            outside[p:p + 5] = False
+            assert not keys[:, outside].any() and not values[:, outside].any()  # nothing else written
         assert not cache.keys[layer][0].any()  # row 0 is outside the view
 
 
-def test_per_row_update_notices_start_pos_changed_in_place():
+@pytest.mark.parametrize("positions_last", [False, True])
+def test_per_row_update_notices_start_pos_changed_in_place(positions_last):
     cfg = CFG
-    cache = KVCache(cfg, 2, 8)
+    cache = KVCache(cfg, 2, 8, positions_last=positions_last)
     start = torch.tensor([1, 2])
     one = torch.ones(2, cfg.n_kv_heads, 1, cfg.head_dim)
     cache.update(0, start, one, one, end=3)
     start += 2
     cache.update(0, start, 2 * one, 2 * one, end=5)
-    assert torch.equal(cache.keys[0][0, :, :, 3], 2 * one[0, :, 0])
-    assert torch.equal(cache.keys[0][1, :, :, 4], 2 * one[1, :, 0])
+    assert torch.equal(cache.row(0, 0)[0][:, 3], 2 * one[0, :, 0])
+    assert torch.equal(cache.row(0, 1)[0][:, 4], 2 * one[1, :, 0])
 
 
-def test_copy_prefix_and_move_row_copy_positions_of_every_layer():
-    source = KVCache(CFG, 1, 8)
+@pytest.mark.parametrize("source_last, dest_last", [(False, True), (True, True), (True, False), (False, False)])
+def test_copy_prefix_and_move_row_copy_positions_of_every_layer(source_last, dest_last):
+    source = KVCache(CFG, 1, 8, positions_last=source_last)
     for layer in range(CFG.n_layers):
         source.keys[layer].normal_()
         source.values[layer].normal_()
-    cache = KVCache(CFG, 3, 10)
+    cache = KVCache(CFG, 3, 10, positions_last=dest_last)
     cache.copy_prefix(2, source, 0, 5)
     for layer in range(CFG.n_layers):
-        assert torch.equal(cache.keys[layer][2, ..., :5], source.keys[layer][0, ..., :5])
-        assert torch.equal(cache.values[layer][2, ..., :5], source.values[layer][0, ..., :5])
-        assert not cache.keys[layer][2, ..., 5:].any() and not cache.keys[layer][:2].any()
+        (k, v), (sk, sv) = cache.row(layer, 2), source.row(layer, 0)
+        assert torch.equal(k[:, :5], sk[:, :5]) and torch.equal(v[:, :5], sv[:, :5])
+        assert not k[:, 5:].any() and not cache.keys[layer][:2].any()
     cache.move_row(2, 0, 4)
     for layer in range(CFG.n_layers):
-        assert torch.equal(cache.keys[layer][0, ..., :4], source.keys[layer][0, ..., :4])
-        assert torch.equal(cache.values[layer][0, ..., :4], source.values[layer][0, ..., :4])
-        assert not cache.keys[layer][0, ..., 4:].any()
+        (k, v), (sk, sv) = cache.row(layer, 0), source.row(layer, 0)
+        assert torch.equal(k[:, :4], sk[:, :4]) and torch.equal(v[:, :4], sv[:, :4])
+        assert not k[:, 4:].any()

@@ -198,3 +198,19 @@ def test_decode_attention_equals_sdpa_with_per_row_lengths(dtype):
     full = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), enable_gqa=True)
     got = decode_attention(q, k.transpose(-1, -2), v.transpose(-1, -2), None)
     torch.testing.assert_close(got.float(), full.transpose(1, 2).reshape(B, H * hd), **tol)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("fuse", [True, False])
+def test_cache_layouts_give_the_same_logits(tiny_dir, fuse):
+    """Prefill then decode steps through a positions-last cache (several rows' layout, decode_attention)
+    equal the same through a one-row layout cache (SDPA), on the fast and the reference path."""
+    model = load_model(tiny_dir, dtype="float32", device="cpu", fuse=fuse)
+    outs = []
+    for positions_last in (False, True):
+        cache = KVCache(model.config, 1, 32, positions_last=positions_last)
+        logits = [model(torch.tensor([PROMPT[:10]]), 0, cache)[:, -1]]
+        for i, tok in enumerate(PROMPT[10:16]):
+            logits.append(model(torch.tensor([[tok]]), 10 + i, cache)[:, -1])
+        outs.append(torch.cat(logits))
+    torch.testing.assert_close(outs[1], outs[0], atol=1e-5, rtol=1e-5)
