@@ -46,6 +46,7 @@ class KVCache:
             shape = (max_batch, config.n_kv_heads, max_seq_len, config.head_dim)
         self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.n_layers)]
         self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.n_layers)]
+
     @classmethod
     def for_request(cls, config: LlamaConfig, prompt_len: int, max_new_tokens: int, max_batch: int = 1,
                     dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> "KVCache":
