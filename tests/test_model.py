@@ -98,6 +98,28 @@ def test_prefill_then_steps_equal_full_forward(pair):
 
 
 @torch.no_grad()
+def test_batched_decode_rows_match_transformers(pair):
+    """Two rows at different positions decoding through a several-row (positions-last) cache give, at every
+    step, transformers' logits for each row's own sequence: every attention shape, head_dim and rope variant."""
+    name, ours, ref = pair
+    seqs = [PROMPT[:11], PROMPT[5:20]]  # within the dynamic fixture's 16 positions
+    prompt_lens = [6, 10]
+    cache = KVCache(ours.config, 2, 16)
+    assert cache.positions_last
+    got = [[ours(torch.tensor([s[:n]]), 0, cache.rows(b, b + 1))[0, -1]]
+           for b, (s, n) in enumerate(zip(seqs, prompt_lens))]
+    for step in range(5):
+        pos = torch.tensor([n + step for n in prompt_lens])
+        tokens = torch.tensor([[s[n + step]] for s, n in zip(seqs, prompt_lens)])
+        logits = ours(tokens, pos, cache)
+        for b in range(2):
+            got[b].append(logits[b, -1])
+    for b, (s, n) in enumerate(zip(seqs, prompt_lens)):
+        want = ref(torch.tensor([s[:n + 5]])).logits[0, n - 1:]
+        torch.testing.assert_close(torch.stack(got[b]), want, atol=1e-4, rtol=1e-4)
+
+
+@torch.no_grad()
 def test_chunked_prefill_equals_one_shot(pair):
     name, ours, _ = pair
     ids = PROMPT[:14] if name == "dynamic" else PROMPT
