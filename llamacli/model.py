@@ -521,6 +521,9 @@ class _Fused:
         tokens = parts[0][0].reshape(N) if len(parts) == 1 else torch.cat([t.reshape(-1) for t, _, _, _ in parts])
         x = F.embedding(tokens, self.embed).to(compute)  # (N, dim)
         for i, L in enumerate(self.layers):
+            # With last_only, the last layer needs only each row's last position past its cache writes: that
+            # query alone attends, and the output projection and MLP run on those rows (2.8% of a prefill).
+            trim = last_only and i == len(self.layers) - 1
             h = _rms_norm(x, L.ln1, eps)
             qkv_all = _mm(h, L.qkv, L.qkv_b)  # (N, (n_heads + 2 * n_kv_heads) * head_dim)
             outs = []
@@ -532,11 +535,20 @@ class _Fused:
                 k = qk[:, :, H:].transpose(1, 2)  # (B, n_kv_heads, T, head_dim)
                 v = qkv[:, :, H + KV:].transpose(1, 2)  # (B, n_kv_heads, T, head_dim)
                 att = _attention_dtype(compute, T, self.device)
+                if trim and T > 1:  # the last query sees every key up to its own position
+                    q, causal = q[:, :, -1:], False
+                    if isinstance(start_pos, int):
+                        mask = None
+                    elif cache is not None and cache.positions_last:
+                        mask = decode_mask(start_pos.to(q.device) + T - 1, end, KV, H // KV, att)
+                    else:
+                        mask = _causal_mask(start_pos.to(q.device) + T - 1, 1, end, q.device)
+                Tq = q.shape[2]
                 if cache is not None:
                     keys, values = cache.update(i, start_pos, k, v, end)  # (B, n_kv_heads, end, head_dim)
                     if not cache.positions_last:
                         k, v = keys, values
-                    elif T == 1:
+                    elif Tq == 1:
                         keys, values = keys.transpose(-1, -2).to(att), values.transpose(-1, -2).to(att)
                         out = decode_attention(q.to(att), keys, values, mask)
                         outs.append(out if out.dtype == compute else out.to(compute))
@@ -548,22 +560,23 @@ class _Fused:
                 if k.dtype != att:
                     k, v = k.to(att), v.to(att)
                 out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=gqa)
-                out = out.transpose(1, 2).reshape(B * T, H * hd)  # (B * T, n_heads * head_dim)
+                out = out.transpose(1, 2).reshape(B * Tq, H * hd)  # (B * Tq, n_heads * head_dim)
                 outs.append(out if out.dtype == compute else out.to(compute))
             out = outs[0] if len(outs) == 1 else torch.cat(outs)
+            if trim:  # keep each row's last position: (sum of B, dim), parts in order
+                x = torch.cat([(x if rows is None else x[rows]).view(B, T, -1)[:, -1] for rows, B, T, *_ in views])
             x = _mm_add(x, out, L.o, L.o_b)
             h = _rms_norm(x, L.ln2, eps)
             gu = _mm(h, L.gate_up, L.gate_up_b)  # (N, 2 * ffn_dim)
             f = gu.shape[1] // 2
             x = _mm_add(x, F.silu(gu[:, :f]) * gu[:, f:], L.down, L.down_b)
-        if len(parts) == 1:
-            B, T = views[0][1], views[0][2]
-            x = x.view(B, T, -1)
-            if last_only:
-                x = x[:, -1:]
-            return self._head(model, x.reshape(-1, x.shape[-1]), eps).view(B, x.shape[1], -1)
-        last = torch.cat([x[rows].view(B, T, -1)[:, -1] for rows, B, T, *_ in views])  # (sum of B, dim)
-        return self._head(model, last, eps)
+        if last_only:  # x holds each row's last position already
+            logits = self._head(model, x, eps)  # (sum of B, vocab)
+            return logits.view(views[0][1], 1, -1) if len(parts) == 1 else logits
+        if len(parts) > 1:
+            raise ValueError("several parts give last-position logits only (last_only=True)")
+        B, T = views[0][1], views[0][2]
+        return self._head(model, x, eps).view(B, T, -1)
 
     def _head(self, model: "Llama", x: torch.Tensor, eps: float) -> torch.Tensor:
         """Final norm and lm_head for rows x (n, dim), in the compute dtype of n rows (a prefill's last

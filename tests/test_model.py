@@ -236,3 +236,24 @@ def test_cache_layouts_give_the_same_logits(tiny_dir, fuse):
             logits.append(model(torch.tensor([[tok]]), 10 + i, cache)[:, -1])
         outs.append(torch.cat(logits))
     torch.testing.assert_close(outs[1], outs[0], atol=1e-5, rtol=1e-5)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("rows", [1, 2])
+def test_last_only_equals_the_last_position_of_the_full_forward(tiny_dir, rows):
+    """last_only (the last layer runs for the last positions only) gives the full forward's last logits:
+    without a cache, from position 0, after a cached prefix, and for rows at different positions."""
+    model = load_model(tiny_dir, dtype="float32", device="cpu")
+    tokens = torch.tensor([PROMPT[:7], PROMPT[3:10]][:rows])
+    torch.testing.assert_close(model(tokens, last_only=True)[:, -1], model(tokens)[:, -1], atol=1e-5, rtol=1e-5)
+    for start in (0, 5, torch.tensor([5])) if rows == 1 else (torch.tensor([5, 2]),):
+        full, last = (KVCache(model.config, rows, 20) for _ in range(2))
+        if not isinstance(start, int) or start:
+            prefix = torch.tensor([PROMPT[10:15], PROMPT[11:16]][:rows])
+            for cache in (full, last):
+                model(prefix, 0, cache)
+        want = model(tokens, start, full)[:, -1]
+        got = model(tokens, start, last, last_only=True)
+        assert got.shape == (rows, 1, model.config.vocab_size)
+        torch.testing.assert_close(got[:, -1], want, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(torch.stack(last.keys), torch.stack(full.keys))  # every layer's keys written
