@@ -123,6 +123,7 @@ class KVCache:
             values.narrow(2, start_pos, T).copy_(v)
         else:  # one position per row: one flat write (advanced indexing is 2-4x slower)
             index = self._flat_index(start_pos, self.keys[layer].shape, B, T, k.device)
+            k, v = k.to(keys.dtype), v.to(keys.dtype)  # half weights may compute in fp32 (many rows)
             if self.positions_last:
                 keys.transpose(-1, -2).view(-1).put_(index, k.transpose(-1, -2).reshape(-1))  # a view for T=1
                 values.transpose(-1, -2).view(-1).put_(index, v.transpose(-1, -2).reshape(-1))

@@ -187,6 +187,19 @@ def test_no_prefix_reuse_past_a_dynamic_ntk_context(tmp_path):
         assert results[key].stats.prefill_tokens == len(ids)
         assert results[key].token_ids == dyn.generate(ids, req).token_ids
 
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_half_precision_batches_of_many_rows_run(chat_dir, dtype):
+    """Half weights with more rows than compute in half (fp16 upcasts them to fp32) still write the cache
+    at each row's position: every row finishes, the cache keeps the weights' dtype."""
+    half = Engine.load(chat_dir, dtype=dtype, device="cpu")
+    items = random_items(10, seed=3)
+    decoder = BatchDecoder(half, 6)
+    results = dict(decoder.run(items))
+    assert sorted(results) == list(range(10)) and decoder.max_active == 6
+    for k, ids, req in items:
+        assert 1 <= len(results[k].token_ids) <= req.max_new_tokens
+
+
 def test_seeded_row_does_not_depend_on_its_batch_mates(engine):
     req = Request(max_new_tokens=15, sampling=SamplingParams(temperature=1.5), seed=7, ignore_eos=True)
     target = [33, 44, 55, 66]

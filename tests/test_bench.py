@@ -178,6 +178,30 @@ def test_half_weights_stay_close_to_fp32(tiny_dir, dtype):
             assert (got.float() - want).abs().max() < 0.05 * want.abs().max()
 
 
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+@pytest.mark.parametrize("rows", [2, 6])  # half compute, and (fp16 past HALF_ROWS_MAX) upcast compute
+def test_half_batched_decode_at_per_row_positions_stays_close_to_fp32(tiny_dir, dtype, rows):
+    """Several rows at their own positions through a positions-last cache (decode_attention) in half weights
+    track the fp32 model row by row."""
+    ref = load_model(tiny_dir, dtype="float32", device="cpu")
+    half = load_model(tiny_dir, dtype=dtype, device="cpu")
+    lengths = [4 + 2 * b for b in range(rows)]
+    with torch.no_grad():
+        caches = KVCache(ref.config, rows, 24), KVCache(half.config, rows, 24, dtype=getattr(torch, dtype))
+        assert caches[1].positions_last
+        for model, cache in zip((ref, half), caches):
+            for b, n in enumerate(lengths):
+                model(torch.tensor([PROMPT[b:b + n]]), 0, cache.rows(b, b + 1))
+        start = torch.tensor(lengths)
+        for step, tok in enumerate([3, 7, 11]):
+            tokens = torch.tensor([[tok + b] for b in range(rows)])
+            want = ref(tokens, start + step, caches[0])
+            got = half(tokens, start + step, caches[1])
+            assert got.dtype == getattr(torch, dtype)
+            for b in range(rows):
+                assert (got[b].float() - want[b]).abs().max() < 0.05 * want[b].abs().max()
+
+
 def test_bf16_is_packed_exactly_where_the_cpu_has_native_bf16(tiny_dir):
     from llamacli.model import cpu_has_native_bf16
 
