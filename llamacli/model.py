@@ -386,6 +386,18 @@ def decode_mask(start_pos: torch.Tensor, end: int, n_kv_heads: int, group: int,
     return mask[:, None, None].expand(B, n_kv_heads, group, end).reshape(B * n_kv_heads, group, end)
 
 
+def _one_query_mask(positions: int | torch.Tensor, end: int, positions_last: bool, n_kv_heads: int, group: int,
+                    dtype: torch.dtype, device: torch.device) -> torch.Tensor | None:
+    """The mask for one query per row at `positions` over keys [0, end): None for one int position (it sees
+    them all), else `decode_mask`'s additive form for a positions-last cache, SDPA's boolean one otherwise."""
+    if isinstance(positions, int):
+        return None
+    positions = positions.to(device)
+    if positions_last:
+        return decode_mask(positions, end, n_kv_heads, group, dtype)
+    return _causal_mask(positions, 1, end, device)
+
+
 def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """RMSNorm as transformers computes it: in fp32, cast back, then scaled."""
     if x.dtype == torch.float32 and weight.dtype == torch.float32:
@@ -508,9 +520,9 @@ class _Fused:
             sin = sin.transpose(1, 2).to(compute)
             if isinstance(start_pos, int) and start_pos == 0 and T == end:
                 mask, causal = None, T > 1  # a square causal block: SDPA's own causal mask is right
-            elif T == 1 and cache is not None and cache.positions_last:  # None: all rows see [0, end)
-                mask = None if isinstance(start_pos, int) else decode_mask(
-                    start_pos.to(tokens.device), end, KV, H // KV, _attention_dtype(compute, T, self.device))
+            elif T == 1 and cache is not None:
+                mask = _one_query_mask(start_pos, end, cache.positions_last, KV, H // KV,
+                                       _attention_dtype(compute, T, self.device), tokens.device)
                 causal = False
             else:
                 mask, causal = _causal_mask(start_pos, T, end, tokens.device), False
@@ -537,12 +549,8 @@ class _Fused:
                 att = _attention_dtype(compute, T, self.device)
                 if trim and T > 1:  # the last query sees every key up to its own position
                     q, causal = q[:, :, -1:], False
-                    if isinstance(start_pos, int):
-                        mask = None
-                    elif cache is not None and cache.positions_last:
-                        mask = decode_mask(start_pos.to(q.device) + T - 1, end, KV, H // KV, att)
-                    else:
-                        mask = _causal_mask(start_pos.to(q.device) + T - 1, 1, end, q.device)
+                    mask = _one_query_mask(start_pos if isinstance(start_pos, int) else start_pos + T - 1, end,
+                                           cache is not None and cache.positions_last, KV, H // KV, att, q.device)
                 Tq = q.shape[2]
                 if cache is not None:
                     keys, values = cache.update(i, start_pos, k, v, end)  # (B, n_kv_heads, end, head_dim)
