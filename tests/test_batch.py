@@ -135,6 +135,36 @@ def test_new_prompts_prefill_in_the_decode_step_within_a_token_budget(engine, mo
         assert results[key].token_ids == engine.generate(ids, req).token_ids
 
 
+@pytest.mark.parametrize("batch_size", [1, 3, 5])
+def test_cost_benchmark_replays_the_schedule_forward_by_forward(engine, monkeypatch, batch_size):
+    """benchmarks/bench_batch_costs.py predicts a run from its schedule: every forward's decoding rows and
+    prefill tokens, in order, must be those BatchDecoder runs (here with a small prefill budget too)."""
+    import llamacli.engine as engine_module
+    from benchmarks.bench_batch_costs import replay
+
+    monkeypatch.setattr(engine_module, "PREFILL_TOKENS_PER_STEP", 30)
+    rng = random.Random(batch_size)
+    items = [(k, [rng.randrange(5, 400) for _ in range(rng.randrange(2, 25))],
+              Request(max_new_tokens=rng.randrange(1, 12), ignore_eos=True)) for k in range(11)]
+    seen = []
+    forward_last = engine.model.forward_last
+
+    def record(parts):
+        decoding = sum(t.shape[0] for t, _, _ in parts if t.shape[1] == 1)  # prompts here are >= 2 tokens
+        seen.append((decoding, sum(t.shape[1] for t, _, _ in parts if t.shape[1] > 1)))
+        return forward_last(parts)
+
+    monkeypatch.setattr(engine.model, "forward_last", record)
+    decoder = BatchDecoder(engine, batch_size)
+    results = dict(decoder.run(items))
+    replayed = []
+    seconds, forwards = replay([len(ids) for _, ids, _ in items], [len(results[k].token_ids) for k, _, _ in items],
+                               batch_size, decoder._prefix[0], lambda k, T: replayed.append((k, T)) or 1.0)
+    assert replayed == seen
+    assert forwards == decoder.steps == len(seen)
+    assert seconds == pytest.approx(len(seen) / 1e3)
+
+
 def test_a_prefix_all_prompts_share_is_prefilled_once(engine, monkeypatch):
     """A shared header (system prompt, few-shot examples) is computed once; each row copies its keys/values and
     prefills only its own tokens, with the same results as one-at-a-time runs."""
