@@ -97,6 +97,10 @@ def main() -> None:
         spread = f"{generated / max(walls[bs]):.1f}..{generated / min(walls[bs]):.1f}"
         print(f"{bs:>5} {generated:>9} {statistics.median(walls[bs]):>8.2f} {tps[bs]:>8.1f} {spread:>13} "
               f"{tps[bs] / base:>8.2f} {steps:>8} {generated / steps:>12.2f} {differ:>13}")
+    if args.repetitions > 1:  # each run against the batch-1 run just before it: a busy spell shows as spread
+        for bs in sizes[1:]:
+            pairs = [w0 / w for w0, w in zip(walls[sizes[0]], walls[bs])]
+            print(f"x batch{sizes[0]}, run by run, batch {bs}: {' '.join(f'{r:.2f}' for r in pairs)}")
 
 if __name__ == "__main__":
     main()
