@@ -40,6 +40,22 @@ def make_prompts(n: int) -> list[list[dict]]:
     return prompts
 
 
+def load_workload(model: str | None, n_prompts: int, max_new_tokens: int):
+    """(checkpoint folder, fp32 CPU engine, [(key, prompt ids, request)]) for `n_prompts` of make_prompts;
+    model None = the SmolLM2 test checkpoint."""
+    from llamacli.engine import Engine, Request
+
+    if model:
+        folder = Path(model)
+    else:
+        from tests.smollm2 import smollm2_checkpoint
+
+        folder = smollm2_checkpoint()
+    engine = Engine.load(folder, dtype="float32", device="cpu")
+    request = Request(max_new_tokens=max_new_tokens)
+    return folder, engine, [(i, engine.chat_ids(m), request) for i, m in enumerate(make_prompts(n_prompts))]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", help="checkpoint folder (default: the SmolLM2 test checkpoint)")
@@ -51,17 +67,9 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
-    from llamacli.engine import BatchDecoder, Engine, Request
+    from llamacli.engine import BatchDecoder
 
-    if args.model:
-        folder = Path(args.model)
-    else:
-        from tests.smollm2 import smollm2_checkpoint
-
-        folder = smollm2_checkpoint()
-    engine = Engine.load(folder, dtype="float32", device="cpu")
-    request = Request(max_new_tokens=args.max_new_tokens)
-    items = [(i, engine.chat_ids(m), request) for i, m in enumerate(make_prompts(args.prompts))]
+    folder, engine, items = load_workload(args.model, args.prompts, args.max_new_tokens)
     lengths = sorted(len(ids) for _, ids, _ in items)
     print(f"{folder.name}: {len(items)} prompts, prompt tokens {lengths[0]}..{lengths[-1]} "
           f"(total {sum(lengths)}), max_new_tokens {args.max_new_tokens}, fp32, {args.threads} threads")

@@ -164,19 +164,11 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
-    from bench_batch import make_prompts
+    from bench_batch import load_workload
     from llamacli.bench import measure_bandwidth
-    from llamacli.engine import BatchDecoder, Engine, Request
+    from llamacli.engine import BatchDecoder
 
-    if args.model:
-        folder = Path(args.model)
-    else:
-        from tests.smollm2 import smollm2_checkpoint
-
-        folder = smollm2_checkpoint()
-    engine = Engine.load(folder, dtype="float32", device="cpu")
-    request = Request(max_new_tokens=args.max_new_tokens)
-    items = [(i, engine.chat_ids(m), request) for i, m in enumerate(make_prompts(32))]
+    folder, engine, items = load_workload(args.model, 32, args.max_new_tokens)
     prompt_lens = [len(ids) for _, ids, _ in items]
     list(BatchDecoder(engine, 4).run(items[:4]))  # warm-up
 
