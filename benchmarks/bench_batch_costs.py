@@ -178,7 +178,7 @@ def main() -> None:
         t0 = time.perf_counter()
         results = dict(decoder.run(items))
         walls[bs] = (time.perf_counter() - t0, decoder.steps)
-    prefix = decoder._prefix[0]
+    prefix = decoder.shared_prefix_tokens
     out_lens = [len(results[i].token_ids) for i in range(len(items))]
     mid = [p + o // 2 for p, o in zip(prompt_lens, out_lens)]  # where each row sits mid-answer
     positions = mid[:args.batch_size]

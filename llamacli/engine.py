@@ -447,6 +447,11 @@ class BatchDecoder:
         self._prefix: tuple[int, KVCache | None] = (0, None)  # the shared prompt prefix of the current run
         self.max_active = 0  # the most rows decoded together in one step
 
+    @property
+    def shared_prefix_tokens(self) -> int:
+        """Prompt tokens every item of the current (or last) run shares, prefilled once; 0 when none."""
+        return self._prefix[0]
+
     @torch.inference_mode()
     def run(self, items: Iterable[tuple[object, list[int], Request]]) -> Iterator[tuple[object, Finished]]:
         """Generate for every (key, prompt_ids, request); yield (key, Finished) in the order rows finish.

@@ -159,7 +159,7 @@ def test_cost_benchmark_replays_the_schedule_forward_by_forward(engine, monkeypa
     results = dict(decoder.run(items))
     replayed = []
     seconds, forwards = replay([len(ids) for _, ids, _ in items], [len(results[k].token_ids) for k, _, _ in items],
-                               batch_size, decoder._prefix[0], lambda k, T: replayed.append((k, T)) or 1.0)
+                               batch_size, decoder.shared_prefix_tokens, lambda k, T: replayed.append((k, T)) or 1.0)
     assert replayed == seen
     assert forwards == decoder.steps == len(seen)
     assert seconds == pytest.approx(len(seen) / 1e3)
