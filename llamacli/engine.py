@@ -17,87 +17,8 @@ import torch
 from llamacli.errors import ContextOverflowError, UsageError
 from llamacli.kv_cache import KVCache
 from llamacli.model import Llama
-from llamacli.sampling import SamplingParams, apply_repetition_penalty, make_generator, sample
-
-
-@dataclass(frozen=True)
-class Request:
-    """What to generate after a prompt, besides the prompt itself."""
-
-    max_new_tokens: int = 256
-    sampling: SamplingParams = field(default_factory=SamplingParams)
-    seed: int | None = None
-    stop: tuple[str, ...] = ()
-    ignore_eos: bool = False
-    logprobs: bool = False
-
-    def __post_init__(self):
-        if isinstance(self.max_new_tokens, bool) or not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
-            raise UsageError(f"max-new-tokens must be an integer >= 1, got {self.max_new_tokens!r}")
-        if any(not isinstance(s, str) or not s for s in self.stop):
-            raise UsageError("stop strings must be non-empty text")
-
-
-@dataclass
-class Stats:
-    """Counts and timings of one generation (seconds; rates in tokens per second)."""
-
-    prompt_tokens: int = 0
-    prefill_tokens: int = 0
-    generated_tokens: int = 0
-    prefill_s: float = 0.0
-    ttft_s: float = 0.0
-    decode_s: float = 0.0
-
-    @property
-    def prefill_tps(self) -> float:
-        """Prefill speed over the tokens actually prefilled."""
-        return self.prefill_tokens / self.prefill_s if self.prefill_s > 0 else 0.0
-
-    @property
-    def decode_tps(self) -> float:
-        """Decode speed: tokens after the first, over the time spent producing them."""
-        n = self.generated_tokens - 1
-        return n / self.decode_s if n > 0 and self.decode_s > 0 else 0.0
-
-    def as_dict(self) -> dict:
-        """Plain numbers for JSON output."""
-        return {
-            "prompt_tokens": self.prompt_tokens,
-            "prefill_tokens": self.prefill_tokens,
-            "generated_tokens": self.generated_tokens,
-            "prefill_s": round(self.prefill_s, 6),
-            "ttft_s": round(self.ttft_s, 6),
-            "decode_s": round(self.decode_s, 6),
-            "prefill_tokens_per_s": round(self.prefill_tps, 3),
-            "decode_tokens_per_s": round(self.decode_tps, 3),
-        }
-
-
-@dataclass
-class TextEvent:
-    """Text to show; the last one of a stream carries what the detokenizer held back until the end."""
-
-    text: str
-
-
-@dataclass
-class TokenEvent(TextEvent):
-    """One generated token and the text it completed (may be '' while a character or stop is pending)."""
-
-    token_id: int = -1
-    logprob: float | None = None
-
-
-@dataclass
-class Finished:
-    """The end of a generation: why it ended, everything produced, and the stats."""
-
-    reason: str  # "stop" (eos id or stop string) or "length"
-    text: str
-    token_ids: list[int]
-    logprobs: list[float] | None
-    stats: Stats
+from llamacli.request import Finished, Request, SamplingParams, Stats, TextEvent, TokenEvent  # noqa: F401
+from llamacli.sampling import make_generator, sample
 
 
 class StopMatcher:

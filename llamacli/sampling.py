@@ -1,4 +1,4 @@
-"""Choosing the next token: `SamplingParams` (frozen, validated) and the pure function `sample`.
+"""Choosing the next token: the pure function `sample` over `request.SamplingParams`.
 
 Order of processing, as in transformers' generate: repetition penalty, temperature, top-k, top-p, min-p.
 Greedy (temperature 0) is `argmax` of the penalised logits, never a tiny temperature.
@@ -6,50 +6,9 @@ Greedy (temperature 0) is `argmax` of the penalised logits, never a tiny tempera
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
-from llamacli.errors import UsageError
-
-
-@dataclass(frozen=True)
-class SamplingParams:
-    """How to pick tokens. temperature 0 = greedy; top_k 0, top_p 1, min_p 0, penalty 1 = off."""
-
-    temperature: float = 0.0
-    top_k: int = 0
-    top_p: float = 1.0
-    min_p: float = 0.0
-    repetition_penalty: float = 1.0
-
-    def __post_init__(self):
-        validate(self)
-
-    @property
-    def greedy(self) -> bool:
-        """True when the choice is argmax (no randomness)."""
-        return self.temperature == 0 or self.top_k == 1
-
-
-def validate(p: SamplingParams) -> None:
-    """Raise UsageError naming the option whose value is out of range."""
-    def number(value, name):
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
-            raise UsageError(f"{name} must be a number, got {value!r}")
-
-    for name in ("temperature", "top_p", "min_p", "repetition_penalty"):
-        number(getattr(p, name), name.replace("_", "-"))
-    if p.temperature < 0:
-        raise UsageError(f"temperature must be >= 0, got {p.temperature}")
-    if isinstance(p.top_k, bool) or not isinstance(p.top_k, int) or p.top_k < 0:
-        raise UsageError(f"top-k must be an integer >= 0, got {p.top_k!r}")
-    if not 0 < p.top_p <= 1:
-        raise UsageError(f"top-p must be in (0, 1], got {p.top_p}")
-    if not 0 <= p.min_p <= 1:
-        raise UsageError(f"min-p must be in [0, 1], got {p.min_p}")
-    if p.repetition_penalty <= 0:
-        raise UsageError(f"repetition-penalty must be > 0, got {p.repetition_penalty}")
+from llamacli.request import SamplingParams
 
 
 def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:

@@ -1,0 +1,143 @@
+"""What a caller asks for and what it gets back: sampling parameters, requests, stats and the events of a
+generation. No torch here, so the CLI, batch files and the server can build and read them cheaply.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from llamacli.errors import UsageError
+
+# Why a generation ended: an eos id or a stop string, the max_new_tokens budget, or the caller cancelled it.
+STOP, LENGTH, CANCELLED = "stop", "length", "cancelled"
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How to pick tokens. temperature 0 = greedy; top_k 0, top_p 1, min_p 0, penalty 1 = off."""
+
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+
+    def __post_init__(self):
+        validate_sampling(self)
+
+    @property
+    def greedy(self) -> bool:
+        """True when the choice is argmax (no randomness)."""
+        return self.temperature == 0 or self.top_k == 1
+
+
+def validate_sampling(p: SamplingParams) -> None:
+    """Raise UsageError naming the option whose value is out of range."""
+    def number(value, name):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
+            raise UsageError(f"{name} must be a number, got {value!r}")
+
+    for name in ("temperature", "top_p", "min_p", "repetition_penalty"):
+        number(getattr(p, name), name.replace("_", "-"))
+    if p.temperature < 0:
+        raise UsageError(f"temperature must be >= 0, got {p.temperature}")
+    if isinstance(p.top_k, bool) or not isinstance(p.top_k, int) or p.top_k < 0:
+        raise UsageError(f"top-k must be an integer >= 0, got {p.top_k!r}")
+    if not 0 < p.top_p <= 1:
+        raise UsageError(f"top-p must be in (0, 1], got {p.top_p}")
+    if not 0 <= p.min_p <= 1:
+        raise UsageError(f"min-p must be in [0, 1], got {p.min_p}")
+    if p.repetition_penalty <= 0:
+        raise UsageError(f"repetition-penalty must be > 0, got {p.repetition_penalty}")
+
+
+def check_seed(seed) -> None:
+    """Raise UsageError unless seed is None or an integer in [0, 2**63)."""
+    if seed is None:
+        return
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63:
+        raise UsageError(f"seed must be an integer in [0, 2**63), got {seed!r}")
+
+
+@dataclass(frozen=True)
+class Request:
+    """What to generate after a prompt, besides the prompt itself."""
+
+    max_new_tokens: int = 256
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    ignore_eos: bool = False
+    logprobs: bool = False
+
+    def __post_init__(self):
+        if isinstance(self.max_new_tokens, bool) or not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
+            raise UsageError(f"max-new-tokens must be an integer >= 1, got {self.max_new_tokens!r}")
+        if isinstance(self.stop, str) or any(not isinstance(s, str) or not s for s in self.stop):
+            raise UsageError("stop strings must be non-empty text")
+        check_seed(self.seed)
+
+
+@dataclass
+class Stats:
+    """Counts and timings of one generation (seconds; rates in tokens per second)."""
+
+    prompt_tokens: int = 0
+    prefill_tokens: int = 0
+    generated_tokens: int = 0
+    prefill_s: float = 0.0
+    ttft_s: float = 0.0
+    decode_s: float = 0.0
+
+    @property
+    def prefill_tps(self) -> float:
+        """Prefill speed over the tokens actually prefilled."""
+        return self.prefill_tokens / self.prefill_s if self.prefill_s > 0 else 0.0
+
+    @property
+    def decode_tps(self) -> float:
+        """Decode speed: tokens after the first, over the time spent producing them."""
+        n = self.generated_tokens - 1
+        return n / self.decode_s if n > 0 and self.decode_s > 0 else 0.0
+
+    def as_dict(self) -> dict:
+        """Plain numbers for JSON output."""
+        return {
+            "prompt_tokens": self.prompt_tokens,
+            "prefill_tokens": self.prefill_tokens,
+            "generated_tokens": self.generated_tokens,
+            "prefill_s": round(self.prefill_s, 6),
+            "ttft_s": round(self.ttft_s, 6),
+            "decode_s": round(self.decode_s, 6),
+            "prefill_tokens_per_s": round(self.prefill_tps, 3),
+            "decode_tokens_per_s": round(self.decode_tps, 3),
+        }
+
+
+@dataclass
+class TextEvent:
+    """Text to show; the last one of a stream carries what the detokenizer held back until the end."""
+
+    text: str
+
+
+@dataclass
+class TokenEvent(TextEvent):
+    """One generated token and the text it completed (may be '' while a character or stop is pending)."""
+
+    token_id: int = -1
+    logprob: float | None = None
+
+
+@dataclass
+class Finished:
+    """The end of a generation: why it ended, everything produced, and the stats."""
+
+    reason: str  # STOP (eos id or stop string), LENGTH (max_new_tokens) or CANCELLED
+    text: str
+    token_ids: list[int]
+    logprobs: list[float] | None
+    stats: Stats
+
+
+Event = TextEvent | Finished
