@@ -2,7 +2,7 @@
 
     python benchmarks/bench_batch.py [--max-new-tokens 64] [--batch-sizes 1,4,8,16] [--prompts 32] [--repetitions 3]
 
-32 chat prompts of mixed length (about 30 to 180 prompt tokens) go through `BatchDecoder` at each batch size,
+32 chat prompts of mixed length (about 30 to 180 prompt tokens) go through the batch scheduler at each batch size,
 in the same process; a row ends at eos or max_new_tokens, as in real use. Aggregate = generated tokens / wall
 time (prefills included). "forwards" counts passes over the weights: each decodes every active row and
 prefills any prompt that just took a free slot; "rows/forward" is generated tokens per forward. Batch 8
@@ -43,7 +43,7 @@ def make_prompts(n: int) -> list[list[dict]]:
 def load_workload(model: str | None, n_prompts: int, max_new_tokens: int):
     """(checkpoint folder, fp32 CPU engine, [(key, prompt ids, request)]) for `n_prompts` of make_prompts;
     model None = the SmolLM2 test checkpoint."""
-    from llamacli.engine import Engine, Request
+    from llamacli.generation import Engine, Request
 
     if model:
         folder = Path(model)
@@ -67,7 +67,7 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
-    from llamacli.engine import BatchDecoder
+    from llamacli.generation import generate_batch, scheduler_for
 
     folder, engine, items = load_workload(args.model, args.prompts, args.max_new_tokens)
     lengths = sorted(len(ids) for _, ids, _ in items)
@@ -75,7 +75,7 @@ def main() -> None:
           f"(total {sum(lengths)}), max_new_tokens {args.max_new_tokens}, fp32, {args.threads} threads")
 
     # Warm up kernels and allocator once, outside the measurements.
-    list(BatchDecoder(engine, 4).run(items[:4]))
+    list(generate_batch(engine, items[:4], 4))
 
     sizes = [int(b) for b in args.batch_sizes.split(",")]
     reference = None
@@ -83,9 +83,9 @@ def main() -> None:
     info: dict[int, tuple[int, int, int]] = {}  # batch size -> (generated, forwards, rows != first)
     for rep in range(args.repetitions):  # the sizes alternate, so a busy spell on the machine hits them alike
         for bs in sizes:
-            decoder = BatchDecoder(engine, bs)
+            decoder = scheduler_for(engine, items, bs)
             t0 = time.perf_counter()
-            results = dict(decoder.run(items))
+            results = dict(generate_batch(engine, items, scheduler=decoder))
             wall = time.perf_counter() - t0
             generated = sum(len(r.token_ids) for r in results.values())
             if reference is None:

@@ -9,8 +9,8 @@ bench_batch.py measures the ratio; this explains it, and bounds it:
    size) of a batch cache, at positions where the benchmark's rows sit mid-answer; the same forward of a
    one-row cache (batch 1); a prefill's cost (fixed + per token, from two prompt lengths); each of these
    also with attention replaced by zeros (a what-if); and the packed matrix products alone for k rows.
-3. BatchDecoder's schedule (its admission rule, shared prefix, forward by forward; tests check the replay
-   against the decoder) is replayed with those costs at batch 1 and at the batch size. The replay at the
+3. the scheduler's schedule (its admission rule, shared prefix, forward by forward; tests check the replay
+   against the scheduler) is replayed with those costs at batch 1 and at the batch size. The replay at the
    batch size is printed beside the measured wall time: on a busy machine the two can differ by 15%, so
    read the ratios, which come from one cost table, rather than the seconds.
 
@@ -84,7 +84,7 @@ def measure_costs(engine, batch: int, positions: list[int], single_position: int
     tokens = torch.randint(0, engine.config.vocab_size, (batch, 1))
     forwards = {}
     for k in range(1, batch + 1):
-        start = positions[0] if k == 1 else torch.tensor(positions[:k])  # as BatchDecoder passes them
+        start = positions[0] if k == 1 else torch.tensor(positions[:k])  # as the scheduler passes them
         forwards[("batch", k)] = (lambda k=k, start=start:
                                   model.forward_last([(tokens[:k], start, batch_cache.rows(0, k))]))
     forwards[("single", 1)] = lambda: model.forward_last([(tokens[:1], single_position, single)])
@@ -125,24 +125,26 @@ def prefill_fit(ms: dict, lengths: tuple[int, int], attention: bool) -> tuple[fl
     return ms[("prefill", a, attention)] - per_token * a, per_token
 
 
-def replay(prompt_lens: list[int], out_lens: list[int], batch: int, prefix: int, cost) -> tuple[float, int]:
-    """(seconds, forwards) of BatchDecoder's schedule, where a forward that decodes k rows and prefills T prompt
-    tokens costs cost(k, T) ms. A new row's prefill gives its first token; each later forward one more."""
-    from llamacli.engine import PREFILL_TOKENS_PER_STEP
+def replay(prompt_lens: list[int], out_lens: list[int], batch: int, prefix: int, cost,
+           prefill_budget: int | None = None) -> tuple[float, int]:
+    """(seconds, forwards) of the scheduler's schedule, where a forward that decodes k rows and prefills T prompt
+    tokens costs cost(k, T) ms. A new row's prefill gives its first token; each later forward one more.
+    Admissions follow the scheduler's own policy function."""
+    from llamacli.generation import PREFILL_TOKENS_PER_STEP, plan_admissions
 
+    budget = PREFILL_TOKENS_PER_STEP if prefill_budget is None else prefill_budget
     waiting = list(range(len(prompt_lens)))
     slots: list[list[int] | None] = [None] * min(batch, len(waiting))  # [row, tokens generated]
     total, forwards = 0.0, 0
     while waiting or any(slots):
         decoding = sum(s is not None for s in slots)
+        free = [i for i, s in enumerate(slots) if s is None]
+        admitted = plan_admissions(free, [prompt_lens[w] - prefix for w in waiting], budget)
         new_tokens = 0
-        for i, s in enumerate(slots):  # free slots take waiting rows, lowest first, as _plan_admissions
-            if s is None and waiting:
-                n = prompt_lens[waiting[0]] - prefix
-                if new_tokens and new_tokens + n > PREFILL_TOKENS_PER_STEP:
-                    break
-                slots[i] = [waiting.pop(0), 0]
-                new_tokens += n
+        for i in admitted:
+            row = waiting.pop(0)
+            slots[i] = [row, 0]
+            new_tokens += prompt_lens[row] - prefix
         total += cost(decoding, new_tokens)
         forwards += 1
         for i, s in enumerate(slots):
@@ -166,17 +168,17 @@ def main() -> None:
 
     from bench_batch import load_workload
     from llamacli.bench import measure_bandwidth
-    from llamacli.engine import BatchDecoder
+    from llamacli.generation import generate_batch, scheduler_for
 
     folder, engine, items = load_workload(args.model, 32, args.max_new_tokens)
     prompt_lens = [len(ids) for _, ids, _ in items]
-    list(BatchDecoder(engine, 4).run(items[:4]))  # warm-up
+    list(generate_batch(engine, items[:4], 4))  # warm-up
 
     walls = {}
     for bs in ([1] if args.measure_batch1 else []) + [args.batch_size]:
-        decoder = BatchDecoder(engine, bs)
+        decoder = scheduler_for(engine, items, bs)
         t0 = time.perf_counter()
-        results = dict(decoder.run(items))
+        results = dict(generate_batch(engine, items, scheduler=decoder))
         walls[bs] = (time.perf_counter() - t0, decoder.steps)
     prefix = decoder.shared_prefix_tokens
     out_lens = [len(results[i].token_ids) for i in range(len(items))]

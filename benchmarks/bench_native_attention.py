@@ -168,7 +168,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
 
     from bench_batch import load_workload
-    from llamacli.engine import BatchDecoder
+    from llamacli.generation import generate_batch, scheduler_for
 
     op = compile_op()
     diff = check_op(op)
@@ -178,7 +178,7 @@ def main() -> None:
     folder, engine, items = load_workload(args.model, 32, args.max_new_tokens)
     for native in (False, True):  # warm up both paths
         with native_attention(op) if native else contextlib.nullcontext():
-            list(BatchDecoder(engine, 4).run(items[:4]))
+            list(generate_batch(engine, items[:4], 4))
 
     configs = [(1, False), (8, False), (1, True), (8, True)]
     walls: dict[tuple[int, bool], list[float]] = {c: [] for c in configs}
@@ -186,9 +186,9 @@ def main() -> None:
     for rep in range(args.repetitions):
         for bs, native in configs:
             with native_attention(op) if native else contextlib.nullcontext():
-                decoder = BatchDecoder(engine, bs)
+                decoder = scheduler_for(engine, items, bs)
                 t0 = time.perf_counter()
-                results = {k: r.token_ids for k, r in decoder.run(items)}
+                results = {k: r.token_ids for k, r in generate_batch(engine, items, scheduler=decoder)}
                 walls[(bs, native)].append(time.perf_counter() - t0)
             first = first or results
             differ = max(differ, sum(results[k] != first[k] for k in results))

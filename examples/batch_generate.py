@@ -9,7 +9,7 @@ import json
 import sys
 
 from llamacli.batch import generate_many
-from llamacli.engine import Engine
+from llamacli.generation import Engine
 
 
 def main() -> None:

@@ -6,7 +6,7 @@ what is new since the last one.
 
 import sys
 
-from llamacli.engine import ChatSession, Engine, Finished, Request
+from llamacli.generation import ChatSession, Engine, Finished, Request
 
 
 def main() -> None:

@@ -5,7 +5,7 @@
 
 import sys
 
-from llamacli.engine import Engine, Finished, Request
+from llamacli.generation import Engine, Finished, Request
 from llamacli.sampling import SamplingParams
 
 

@@ -30,7 +30,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator, TextIO
 
+from llamacli import prompts
 from llamacli.errors import InputError, LlamaCliError, UsageError
+from llamacli.request import Request, SamplingParams, check_seed
 
 OVERRIDES = ("max_new_tokens", "temperature", "top_p", "top_k", "seed", "stop", "system")
 JSONL_SUFFIXES = (".jsonl", ".ndjson", ".json")
@@ -54,7 +56,7 @@ class Row:
 class BatchDefaults:
     """What a row does not override: the engine Request single-prompt generate would use, plus prompt options."""
 
-    request: object = None  # llamacli.engine.Request (imported lazily: reading rows needs no torch); None = Request()
+    request: Request | None = None  # None = Request()
     system: str | None = None
     raw: bool = False
     # When max_new_tokens is only a default (not asked for), a row gets at most what its context has left,
@@ -62,23 +64,16 @@ class BatchDefaults:
     cap_to_context: bool = False
 
     def __post_init__(self):
-        from llamacli.engine import Request
-
         if self.request is None:
             object.__setattr__(self, "request", Request())
-        if self.request.seed is not None:
-            _check_seed(self.request.seed)
-        if self.raw and self.system is not None:
-            raise UsageError("--system needs the chat template; it cannot be used with --raw")
+        if self.raw and self.system:
+            raise UsageError("a system message needs the chat template; it cannot be used with raw prompts")
 
     @classmethod
     def of(cls, **options) -> "BatchDefaults":
         """Defaults from flat options, as scripts write them: any Request or SamplingParams field, or a
         BatchDefaults one (`max_new_tokens=32, temperature=0.7, seed=1, system="...", raw=False`)."""
         from dataclasses import fields
-
-        from llamacli.engine import Request
-        from llamacli.sampling import SamplingParams
 
         sampling_keys = {f.name for f in fields(SamplingParams)}
         request_keys = {f.name for f in fields(Request)} - {"sampling"}
@@ -222,15 +217,10 @@ def _check_messages(messages) -> list[dict]:
     return messages
 
 
-def _check_seed(seed) -> None:
-    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63:
-        raise UsageError(f"seed must be an integer in [0, 2**63), got {seed!r}")
-
-
 def _check_overrides(o: dict) -> dict:
     """Type-check the per-row overrides (ranges are checked when the Request is built)."""
-    if "seed" in o and o["seed"] is not None:
-        _check_seed(o["seed"])
+    if "seed" in o:
+        check_seed(o["seed"])
     if "stop" in o:
         stop = o["stop"]
         stop = [stop] if isinstance(stop, str) else stop
@@ -328,18 +318,8 @@ def _id_key(rid):
 
 def prompt_ids(engine, row: Row, defaults: BatchDefaults) -> list[int]:
     """Token ids of a row's prompt: chat template unless `raw` (for a `prompt`), system message first."""
-    system = row.overrides.get("system", defaults.system)
-    if row.messages is not None:
-        messages = row.messages
-        if system is not None and messages[0].get("role") != "system":
-            messages = [{"role": "system", "content": system}] + messages
-        return engine.chat_ids(messages)
-    if defaults.raw:
-        if "system" in row.overrides:
-            raise UsageError("'system' needs the chat template, but prompts are sent raw (--raw)")
-        return engine.raw_ids(row.prompt)
-    messages = ([{"role": "system", "content": system}] if system is not None else [])
-    return engine.chat_ids(messages + [{"role": "user", "content": row.prompt}])
+    return prompts.encode_prompt(engine.tokenizer, engine.chat_template, prompt=row.prompt, messages=row.messages,
+                                 system=row.overrides.get("system", defaults.system), raw=defaults.raw)
 
 
 def iter_results(engine, rows: list[Row], defaults: BatchDefaults, batch_size: int = 8) -> Iterator[tuple[Row, dict]]:

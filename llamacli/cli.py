@@ -276,7 +276,7 @@ def _load_engine(model: str, revision, dtype: _Dtype, device: _Device, tokenizer
     """Resolve --model and load the engine; returns (engine, folder, seconds spent loading)."""
     import time
 
-    from llamacli.engine import Engine
+    from llamacli.generation import Engine
 
     t0 = time.perf_counter()
     folder = _resolve(model, revision, dtype)
@@ -428,6 +428,8 @@ def generate(
         from llamacli.errors import UsageError
 
         _check_sampling(temperature, top_k, top_p, min_p, repetition_penalty)
+        if raw and system:
+            raise UsageError("--system needs the chat template; it cannot be used with --raw")
         if logprobs and not as_json and prompts_file is None:
             raise UsageError("--logprobs needs --json (log-probabilities are part of the JSON output)")
         if prompts_file is None:
@@ -437,7 +439,7 @@ def generate(
         elif prompt is not None or prompt_file is not None:
             raise UsageError("pass either --prompts-file (batch) or --prompt / --prompt-file, not both")
 
-        from llamacli.engine import Request
+        from llamacli.generation import Request
 
         # Batch mode reads its input and checks its output before the (slow) model load.
         prepared = _prepare_batch(prompts_file, output, resume) if prompts_file is not None else None
@@ -469,7 +471,7 @@ def generate(
 def _run_generation(engine, ids: list[int], request, as_json: bool, show_stats: bool, load_s: float) -> None:
     import json
 
-    from llamacli.engine import Finished, TokenEvent
+    from llamacli.generation import Finished, TokenEvent
 
     finished = None
     pieces: list[str] = []
@@ -551,7 +553,7 @@ def chat(
     """
     with _errors():
         _check_sampling(temperature, top_k, top_p, min_p, repetition_penalty)
-        from llamacli.engine import ChatSession
+        from llamacli.generation import ChatSession
 
         engine, folder, load_s = _load_engine(model, revision, dtype, device, tokenizer, chat_template)
         if engine.chat_template is None:
@@ -639,7 +641,7 @@ class _ChatLoop:
         import itertools
         import json
 
-        from llamacli.engine import Finished, Request
+        from llamacli.generation import Finished, Request
         from llamacli.errors import ContextOverflowError, LlamaCliError
 
         while True:
@@ -652,8 +654,7 @@ class _ChatLoop:
                 first = next(events)  # the context check happens here, before anything is shown
                 break
             except ContextOverflowError as exc:
-                if len(self.session.messages) >= 2:
-                    del self.session.messages[:2]
+                if self.session.conversation.drop_oldest():
                     _note("(context full: dropped the oldest turn; /reset starts over)")
                     continue
                 return self._turn_failed(f"{exc}")

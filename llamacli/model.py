@@ -119,6 +119,16 @@ class Llama(nn.Module):
         self._sin: torch.Tensor | None = None
         self._fused: _Fused | None = None
 
+    @property
+    def device(self) -> torch.device:
+        """Where the weights live."""
+        return self.model.embed_tokens.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The weights' dtype."""
+        return self.model.embed_tokens.weight.dtype
+
     def fuse_projections(self, pack: bool = True) -> "Llama":
         """Fuse q/k/v and gate/up into one matrix each, in the layout the device multiplies fastest.
 

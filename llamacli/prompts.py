@@ -80,15 +80,15 @@ def default_max_new_tokens(generation: dict, room: int | None = None) -> int:
     return wanted if room is None else max(1, min(wanted, room))
 
 
-def check_fits(prompt_len: int, max_new_tokens: int, limit: int) -> None:
+def check_fits(prompt_len: int, max_new_tokens: int, limit: int, where: str = "the model's context") -> None:
     """The context check: raise ContextOverflowError, with the numbers, when prompt + new tokens exceed
-    `limit` positions (the model's context, or the positions a cache or session holds)."""
+    `limit` positions (`where` names them: the model's context, or what a cache or conversation keeps)."""
     if prompt_len == 0:
         raise UsageError("the prompt is empty (no tokens to start from)")
     if prompt_len + max_new_tokens > limit:
         raise ContextOverflowError(
             f"prompt ({prompt_len} tokens) + max-new-tokens ({max_new_tokens}) = {prompt_len + max_new_tokens} "
-            f"exceeds the context of {limit} tokens"
+            f"exceeds {where} of {limit} tokens"
         )
 
 

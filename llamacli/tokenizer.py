@@ -55,12 +55,11 @@ class Tokenizer:
         """A fresh incremental decoder over this tokenizer."""
         return StreamDecoder(self, skip_special_tokens=skip_special_tokens)
 
-    def _check_ids(self, ids: Iterable[int]) -> list[int]:
-        ids = [int(i) for i in ids]
-        for i in ids:
-            if not 0 <= i < self.vocab_size:
-                raise TokenizerError(f"token id {i} is outside the vocabulary (size {self.vocab_size})")
-        return ids
+    def _known_ids(self, ids: Iterable[int]) -> list[int]:
+        """The ids the tokenizer has text for. A model's vocabulary may be padded past its tokenizer's (a
+        32128-row embedding with a 32000-token tokenizer is common in fine-tunes); an id in the padding has no
+        text, so it decodes as nothing, as transformers' tokenizers decode it."""
+        return [i for i in map(int, ids) if 0 <= i < self.vocab_size]
 
     def __repr__(self) -> str:
         return (f"{type(self).__name__}(kind={self.kind!r}, vocab_size={self.vocab_size}, bos_id={self.bos_id}, "
@@ -179,7 +178,7 @@ class _HFTokenizer(Tokenizer):
         return self._tok.encode(text, add_special_tokens=add_special_tokens).ids
 
     def decode(self, ids, skip_special_tokens: bool = False) -> str:
-        return self._tok.decode(self._check_ids(ids), skip_special_tokens=skip_special_tokens)
+        return self._tok.decode(self._known_ids(ids), skip_special_tokens=skip_special_tokens)
 
     def id_to_piece(self, i: int) -> str:
         piece = self._tok.id_to_token(int(i))
@@ -292,7 +291,7 @@ class _SPTokenizer(Tokenizer):
         return ids
 
     def decode(self, ids, skip_special_tokens: bool = False) -> str:
-        ids = self._check_ids(ids)
+        ids = self._known_ids(ids)
         out: list[str] = []
         run: list[int] = []
 

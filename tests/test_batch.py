@@ -17,7 +17,7 @@ from typer.testing import CliRunner
 
 from llamacli.batch import BatchDefaults, generate_many, prepare_output, read_rows, run_batch
 from llamacli.cli import app
-from llamacli.engine import BatchDecoder, Engine, Request
+from llamacli.generation import PREFILL_TOKENS_PER_STEP, Engine, Request, generate_batch, scheduler_for
 from llamacli.errors import ContextOverflowError, InputError, UsageError
 from llamacli.sampling import SamplingParams
 from tests.conftest import write_tiny_chat_checkpoint
@@ -60,12 +60,17 @@ def assert_same(batch, single):
 # -- the engine ----------------------------------------------------------------------------------------------
 
 
+def run_scheduled(engine, items, batch_size, prefill_budget=PREFILL_TOKENS_PER_STEP):
+    """(scheduler, results by key) of a batch job, keeping the scheduler to read its counters."""
+    scheduler = scheduler_for(engine, items, batch_size, prefill_budget)
+    return scheduler, dict(generate_batch(engine, items, scheduler=scheduler))
+
+
 @pytest.mark.parametrize("batch_size", [1, 3, 4, 16])
 def test_batch_equals_one_at_a_time(engine, batch_size):
     """Mixed prompt lengths, more prompts than slots (refill), greedy and seeded rows: each row as if alone."""
     items = random_items(13)
-    decoder = BatchDecoder(engine, batch_size)
-    results = dict(decoder.run(items))
+    decoder, results = run_scheduled(engine, items, batch_size)
     assert sorted(results) == list(range(13))
     for key, ids, req in items:
         assert_same(results[key], engine.generate(ids, req))
@@ -87,8 +92,8 @@ def test_finished_slot_takes_the_next_prompt_at_once(engine):
     """Continuous, not static, batching: the decode steps equal the longest slot's work, not a sum of waves."""
     news = [2, 10, 2, 2, 2]
     items = [(k, [20 + k, 30, 40], Request(max_new_tokens=n, ignore_eos=True)) for k, n in enumerate(news)]
-    decoder = BatchDecoder(engine, 2)
-    order = [key for key, _ in decoder.run(items)]
+    decoder = scheduler_for(engine, items, 2)
+    order = [key for key, _ in generate_batch(engine, items, scheduler=decoder)]
     # Every step is one forward, and a new row's prefill rides in the same forward as the other slot's decode.
     # Slot 1 runs row 1 (its prefill, then 9 decode steps: 10 forwards) while slot 0 runs rows 0, 2, 3, 4 (a
     # prefill and one decode step each: 8 forwards): 10 steps in all; static batches would take 10 + 2 + 2.
@@ -110,9 +115,6 @@ def test_rows_at_the_end_move_into_free_slots(engine):
 def test_new_prompts_prefill_in_the_decode_step_within_a_token_budget(engine, monkeypatch):
     """Free slots take waiting prompts in the same forward as the decoding rows, up to the step's prompt-token
     budget; a prompt longer than the budget still goes in alone. Results equal one-at-a-time runs."""
-    import llamacli.engine as engine_module
-
-    monkeypatch.setattr(engine_module, "PREFILL_TOKENS_PER_STEP", 10)
     items = [(0, list(range(3, 9)), Request(max_new_tokens=6, ignore_eos=True)),
              (1, list(range(20, 26)), Request(max_new_tokens=6, ignore_eos=True)),
              (2, list(range(40, 60)), Request(max_new_tokens=6, ignore_eos=True))]
@@ -124,8 +126,7 @@ def test_new_prompts_prefill_in_the_decode_step_within_a_token_budget(engine, mo
         return forward_last(parts)
 
     monkeypatch.setattr(engine.model, "forward_last", record)
-    decoder = BatchDecoder(engine, 3)
-    results = dict(decoder.run(items))
+    decoder, results = run_scheduled(engine, items, 3, prefill_budget=10)
     # Step 1 prefills item 0 (6 tokens; 6 more would pass 10); step 2 decodes it and prefills item 1; step 3
     # decodes both and prefills the 20-token item 2 on its own budget.
     assert seen[:3] == [[(1, 6)], [(1, 1), (1, 6)], [(2, 1), (1, 20)]]
@@ -138,11 +139,9 @@ def test_new_prompts_prefill_in_the_decode_step_within_a_token_budget(engine, mo
 @pytest.mark.parametrize("batch_size", [1, 3, 5])
 def test_cost_benchmark_replays_the_schedule_forward_by_forward(engine, monkeypatch, batch_size):
     """benchmarks/bench_batch_costs.py predicts a run from its schedule: every forward's decoding rows and
-    prefill tokens, in order, must be those BatchDecoder runs (here with a small prefill budget too)."""
-    import llamacli.engine as engine_module
+    prefill tokens, in order, must be those the scheduler runs (here with a small prefill budget too)."""
     from benchmarks.bench_batch_costs import replay
 
-    monkeypatch.setattr(engine_module, "PREFILL_TOKENS_PER_STEP", 30)
     rng = random.Random(batch_size)
     items = [(k, [rng.randrange(5, 400) for _ in range(rng.randrange(2, 25))],
               Request(max_new_tokens=rng.randrange(1, 12), ignore_eos=True)) for k in range(11)]
@@ -155,11 +154,11 @@ def test_cost_benchmark_replays_the_schedule_forward_by_forward(engine, monkeypa
         return forward_last(parts)
 
     monkeypatch.setattr(engine.model, "forward_last", record)
-    decoder = BatchDecoder(engine, batch_size)
-    results = dict(decoder.run(items))
+    decoder, results = run_scheduled(engine, items, batch_size, prefill_budget=30)
     replayed = []
     seconds, forwards = replay([len(ids) for _, ids, _ in items], [len(results[k].token_ids) for k, _, _ in items],
-                               batch_size, decoder.shared_prefix_tokens, lambda k, T: replayed.append((k, T)) or 1.0)
+                               batch_size, decoder.shared_prefix_tokens, lambda k, T: replayed.append((k, T)) or 1.0,
+                               prefill_budget=30)
     assert replayed == seen
     assert forwards == decoder.steps == len(seen)
     assert seconds == pytest.approx(len(seen) / 1e3)
@@ -180,8 +179,7 @@ def test_a_prefix_all_prompts_share_is_prefilled_once(engine, monkeypatch):
         return forward_last(parts)
 
     monkeypatch.setattr(engine.model, "forward_last", record)
-    decoder = BatchDecoder(engine, 2)
-    results = dict(decoder.run(items))
+    decoder, results = run_scheduled(engine, items, 2)
     # Every prompt is prefilled from position 19 on: its own tail (and the header's 20th token for the first four).
     assert sorted(seen) == sorted([((1, 1 + len(tail)), 19) for tail in tails] + [((1, 2), 19)])
     monkeypatch.setattr(engine.model, "forward_last", forward_last)
@@ -192,9 +190,9 @@ def test_a_prefix_all_prompts_share_is_prefilled_once(engine, monkeypatch):
 
 
 def test_a_short_shared_prefix_is_not_worth_a_separate_prefill(engine):
-    import llamacli.engine as engine_module
+    from llamacli.generation.scheduler import SHARED_PREFIX_MIN
 
-    n = engine_module.SHARED_PREFIX_MIN - 1
+    n = SHARED_PREFIX_MIN - 1
     items = [(k, list(range(100, 100 + n)) + [k + 1, 3], Request(max_new_tokens=3)) for k in range(3)]
     results = dict(engine.stream_batch(items, 2))
     assert all(r.stats.prefill_tokens == r.stats.prompt_tokens for r in results.values())
@@ -223,8 +221,7 @@ def test_half_precision_batches_of_many_rows_run(chat_dir, dtype):
     at each row's position: every row finishes, the cache keeps the weights' dtype."""
     half = Engine.load(chat_dir, dtype=dtype, device="cpu")
     items = random_items(10, seed=3)
-    decoder = BatchDecoder(half, 6)
-    results = dict(decoder.run(items))
+    decoder, results = run_scheduled(half, items, 6)
     assert sorted(results) == list(range(10)) and decoder.max_active == 6
     for k, ids, req in items:
         assert 1 <= len(results[k].token_ids) <= req.max_new_tokens
@@ -277,8 +274,112 @@ def test_cache_is_sized_by_the_rows_and_overflow_is_refused_before_running(engin
     with pytest.raises(ContextOverflowError, match=r"prompt \(120 tokens\) \+ max-new-tokens \(20\) = 140"):
         next(gen)
     with pytest.raises(UsageError, match="batch-size"):
-        BatchDecoder(engine, 0)
+        scheduler_for(engine, too_long, 0)
     assert list(engine.stream_batch([], 4)) == []
+
+
+# -- the open scheduler: requests added while others run, token events, cancellation -------------------------
+
+
+def test_requests_added_while_others_run_equal_one_at_a_time(engine):
+    """add() between steps joins the running batch; every row's tokens equal a single run, and the events of
+    each id are one TokenEvent per token, then Finished."""
+    from llamacli.generation import Finished, Scheduler, TokenEvent
+
+    items = random_items(7, seed=5)
+    sched = Scheduler(engine, max_rows=3, max_positions=128)
+    assert sched.idle
+    ids_of, events = {}, {}
+    pending = list(items)
+    for _ in range(2):
+        key, ids, req = pending.pop(0)
+        ids_of[sched.add(ids, req)] = key
+    steps = 0
+    while not sched.idle or pending:
+        if pending and steps % 3 == 2:  # a new request arrives every third step
+            key, ids, req = pending.pop(0)
+            ids_of[sched.add(ids, req)] = key
+        for sid, event in sched.step():
+            events.setdefault(sid, []).append(event)
+        steps += 1
+    assert sorted(ids_of) == sorted(events)
+    for sid, evs in events.items():
+        key, ids, req = items[ids_of[sid]]
+        single = engine.generate(ids, req)
+        tokens = [e.token_id for e in evs if isinstance(e, TokenEvent)]
+        assert isinstance(evs[-1], Finished) and sum(isinstance(e, Finished) for e in evs) == 1
+        assert tokens == single.token_ids == evs[-1].token_ids
+        assert "".join(e.text for e in evs[:-1]) == evs[-1].text == single.text
+    assert sched.max_active == 3
+
+
+def test_cancel_frees_the_slot_at_the_next_step(engine):
+    from llamacli.generation import Finished, Scheduler
+
+    sched = Scheduler(engine, max_rows=2, max_positions=64)
+    long_req = Request(max_new_tokens=40, ignore_eos=True)
+    a = sched.add([5, 6, 7], long_req)
+    b = sched.add([8, 9], long_req)
+    c = sched.add([10, 11, 12], Request(max_new_tokens=5, ignore_eos=True))  # waits: both slots are taken
+    sched.step()
+    sched.step()
+    assert sched.active == 2 and len(sched.waiting) == 1
+    sched.cancel(a)
+    events = sched.step()
+    finished = [(sid, e) for sid, e in events if isinstance(e, Finished)]
+    assert finished[0][0] == a and finished[0][1].reason == "cancelled" and len(finished[0][1].token_ids) == 2
+    # c took a's slot in the same step (its prefill), and b kept decoding.
+    moved = {sid for sid, _ in events}
+    assert moved == {a, b, c}
+    sched.cancel(c)
+    sched.cancel(b)
+    sched.cancel(12345)  # unknown ids are ignored
+    events = sched.step()
+    assert {sid for sid, e in events if isinstance(e, Finished) and e.reason == "cancelled"} == {b, c}
+    assert sched.idle
+    # The freed rows serve new requests correctly.
+    d = sched.add([5, 6, 7], Request(max_new_tokens=6, ignore_eos=True))
+    out = []
+    while not sched.idle:
+        out += [e for sid, e in sched.step() if sid == d and isinstance(e, Finished)]
+    assert out[0].token_ids == engine.generate([5, 6, 7], Request(max_new_tokens=6, ignore_eos=True)).token_ids
+
+
+def test_a_cancelled_queued_request_never_runs(engine):
+    from llamacli.generation import Finished, Scheduler
+
+    sched = Scheduler(engine, max_rows=1, max_positions=64)
+    a = sched.add([5, 6, 7], Request(max_new_tokens=3, ignore_eos=True))
+    b = sched.add([8, 9], Request(max_new_tokens=3, ignore_eos=True))
+    sched.cancel(b)
+    events = sched.step()
+    fin = [e for sid, e in events if sid == b]
+    assert len(fin) == 1 and isinstance(fin[0], Finished) and fin[0].reason == "cancelled" and fin[0].token_ids == []
+    assert sched.steps == 1 and not sched.waiting
+    while not sched.idle:
+        assert all(sid == a for sid, _ in sched.step())
+
+
+def test_a_request_that_cannot_fit_the_rows_is_refused_at_add(engine):
+    from llamacli.generation import Scheduler
+
+    sched = Scheduler(engine, max_rows=2, max_positions=20)
+    with pytest.raises(ContextOverflowError, match=r"prompt \(15 tokens\) \+ max-new-tokens \(10\) = 25 exceeds "
+                                                    r"the positions each batch row holds of 20"):
+        sched.add([5] * 15, Request(max_new_tokens=10))
+    with pytest.raises(ContextOverflowError, match="the model's context of 128"):
+        Scheduler(engine, max_rows=1).add([5] * 120, Request(max_new_tokens=10))
+    assert sched.idle
+
+
+def test_admission_policy_is_a_pure_function():
+    from llamacli.generation import plan_admissions
+
+    assert plan_admissions([0, 2, 3], [6, 6, 20], budget=10) == [0]
+    assert plan_admissions([0, 2, 3], [4, 6, 20], budget=10) == [0, 2]
+    assert plan_admissions([1], [500], budget=10) == [1]  # always at least one, however long
+    assert plan_admissions([], [5], budget=10) == []
+    assert plan_admissions([0, 1], [], budget=10) == []
 
 
 # -- reading rows --------------------------------------------------------------------------------------------
@@ -439,7 +540,7 @@ def test_system_raw_and_logprobs_defaults(engine, tmp_path):
     by_id = {r["id"]: r for r in results}
     assert by_id[1]["prompt_tokens"] == len(engine.raw_ids("Hello"))
     assert by_id[1]["token_ids"] == engine.generate(engine.raw_ids("Hello"), Request(max_new_tokens=4)).token_ids
-    assert by_id[2]["error"] == "line 2: 'system' needs the chat template, but prompts are sent raw (--raw)"
+    assert by_id[2]["error"] == "line 2: a system message needs the chat template; it cannot be used with a raw prompt"
     assert by_id[3]["prompt_tokens"] == len(engine.chat_ids([{"role": "user", "content": "Hey"}]))
 
 

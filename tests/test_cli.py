@@ -21,7 +21,7 @@ import torch
 from typer.testing import CliRunner
 
 from llamacli.cli import app
-from llamacli.engine import Engine, Request
+from llamacli.generation import Engine, Request
 from llamacli.sampling import SamplingParams
 
 PROMPT = "Hello world! How are you today?"

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from llamacli.engine import Engine, Finished, Request, StopMatcher, TokenEvent
+from llamacli.generation import Engine, Finished, Request, StopMatcher, TokenEvent
 from llamacli.errors import ContextOverflowError
 from llamacli.sampling import SamplingParams
 from llamacli.weights import load_model
@@ -110,7 +110,7 @@ def test_streamed_text_equals_decode_of_ids(smol):
 
 @pytest.mark.slow
 def test_chat_session_reuses_cache_and_matches_a_fresh_run(smol):
-    from llamacli.engine import ChatSession
+    from llamacli.generation import ChatSession
 
     req = Request(max_new_tokens=24)
     chat = ChatSession(smol, system="You are brief.", max_context=1024)
@@ -132,7 +132,7 @@ def test_chat_session_reuses_cache_and_matches_a_fresh_run(smol):
 
 @pytest.mark.slow
 def test_chat_session_overflow_tells_about_reset(smol):
-    from llamacli.engine import ChatSession
+    from llamacli.generation import ChatSession
 
     chat = ChatSession(smol, max_context=40)
     with pytest.raises(ContextOverflowError, match="use /reset"):

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from llamacli.engine import Engine, Request
+from llamacli.generation import Engine, Request
 
 pytestmark = pytest.mark.slow
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from llamacli.engine import Engine, Request
+from llamacli.generation import Engine, Request
 from llamacli.weights import load_model
 
 pytestmark = [pytest.mark.slow, pytest.mark.parity]

@@ -114,8 +114,8 @@ def test_real_gguf_converts_once_and_runs(tmp_path, monkeypatch):
     assert resolve_model(str(src), dtype="float32") == first
     assert (first / "config.json").stat().st_mtime_ns == mtime  # not converted again
 
-    from llamacli.engine import Engine
-    from llamacli.engine import Request
+    from llamacli.generation import Engine
+    from llamacli.generation import Request
 
     engine = Engine.load(first, dtype="float32", device="cpu")
     out = engine.generate(engine.raw_ids("Hello world"), Request(max_new_tokens=3, ignore_eos=True))

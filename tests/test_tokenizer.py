@@ -246,8 +246,12 @@ def test_sentencepiece_added_tokens_beyond_the_model(tmp_path):
     assert tok.id_to_piece(400) == "<tool>"
     assert tok.decode(ids, skip_special_tokens=True) == "a<tool>bc"
     assert tok.decode(ids) == "a<tool>b<|think|>c"
+    # An id past the tokenizer's vocabulary (a model's padded embedding rows) has no text: it decodes as nothing,
+    # as transformers' tokenizers decode it, and only id_to_piece refuses it.
+    assert tok.decode([402, 5000]) == ""
+    assert tok.decode(ids[:2] + [402] + ids[2:], skip_special_tokens=True) == "a<tool>bc"
     with pytest.raises(TokenizerError, match="outside the vocabulary"):
-        tok.decode([402])
+        tok.id_to_piece(402)
 
 
 # -- the tokenize command ----------------------------------------------------------------------------------------

@@ -1,0 +1,276 @@
+"""The open batch scheduler: continuous batching of requests that arrive while others run.
+
+`add(prompt_ids, request) -> id` queues a request, `step()` runs one forward and returns the token-level events
+of every row that moved, `cancel(id)` frees a row's slot at the next step, `idle` says when nothing is left.
+The KV cache is sized once by capacity (rows x positions). A batch job is `generate_batch(engine, items)` on top.
+
+Each slot is a row of the cache. Every step is one forward over the weights: the active rows advance one token
+each (per-row positions; the mask hides each row's stale cache entries) and, in the same pass, waiting prompts
+are prefilled into free slots (`forward_last` with one part per contiguous run of decoding rows and one per new
+prompt). Decoding is bound by reading the weights, prefill by arithmetic, so the decoding rows ride along with a
+prefill almost for free instead of waiting for it. Each row is a `Sequence` (its own sampler, stops and
+max_new_tokens); a finished slot takes the next waiting prompt at the next step, and when none is waiting the
+last active row moves into a hole so the active rows stay 0..n-1 (one attention call per layer). A prompt prefix
+shared by every prompt of a job (a system prompt, a few-shot header) can be prefilled once (`share_prefix`);
+each new row that starts with it copies its keys/values and prefills only the rest.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from collections import deque
+from typing import Iterable, Iterator
+
+import torch
+
+from llamacli import prompts
+from llamacli.errors import UsageError
+from llamacli.kv_cache import KVCache
+from llamacli.request import Event, Finished, Request
+from llamacli.generation.sequence import Sequence
+
+PREFILL_TOKENS_PER_STEP = 2048  # prompt tokens one step may prefill beside its decoding rows
+SHARED_PREFIX_MIN = 16  # a prefix all prompts share is prefilled once when it is at least this long
+
+
+def plan_admissions(free_slots: list[int], waiting_prefill: Iterable[int],
+                    budget: int = PREFILL_TOKENS_PER_STEP) -> list[int]:
+    """The admission policy: which free slots (lowest first) take the next waiting prompts, in queue order.
+
+    `waiting_prefill` gives each waiting prompt's tokens to prefill. Prompts are admitted while their total
+    stays within `budget`, and always at least one (however long), so that a long prompt cannot starve.
+    """
+    admitted: list[int] = []
+    tokens = 0
+    for slot, n in zip(free_slots, waiting_prefill):
+        if admitted and tokens + n > budget:
+            break
+        admitted.append(slot)
+        tokens += n
+    return admitted
+
+
+class _Row:
+    """A request in the queue or in a slot. Its `Sequence` (sampler state, a vocabulary-sized penalty mask) is
+    made when it is admitted, so a long queue costs only its prompts; times still count from `add`."""
+
+    __slots__ = ("sid", "ids", "request", "prefix", "added_at", "seq")
+
+    def __init__(self, sid: int, ids: list[int], request: Request, prefix: int):
+        self.sid, self.ids, self.request, self.prefix = sid, ids, request, prefix
+        self.added_at = time.perf_counter()
+        self.seq: Sequence | None = None
+
+    @property
+    def prefill_tokens(self) -> int:
+        """Prompt tokens this request prefills (after the shared prefix)."""
+        return len(self.ids) - self.prefix
+
+    def start(self, engine) -> Sequence:
+        """Make (once) the request's Sequence."""
+        if self.seq is None:
+            self.seq = engine.sequence(self.ids, self.request, prefill_tokens=self.prefill_tokens,
+                                       started_at=self.added_at)
+        return self.seq
+
+
+class Scheduler:
+    """Continuous batching over one engine with a cache of `max_rows` x `max_positions` (see the module doc)."""
+
+    def __init__(self, engine, max_rows: int = 8, max_positions: int | None = None,
+                 prefill_budget: int = PREFILL_TOKENS_PER_STEP):
+        if isinstance(max_rows, bool) or not isinstance(max_rows, int) or max_rows < 1:
+            raise UsageError(f"batch-size must be an integer >= 1, got {max_rows!r}")
+        self.engine = engine
+        self.max_rows = max_rows
+        self.max_positions = min(max_positions or engine.config.context_length, engine.config.context_length)
+        self.prefill_budget = prefill_budget
+        self.cache = engine.new_cache(self.max_positions, max_batch=max_rows)
+        self.slots: list[_Row | None] = [None] * max_rows  # slot i = cache row i; None = free
+        self.waiting: deque[_Row] = deque()
+        self.steps = 0  # forwards run, each decoding the active rows and prefilling new ones (tests, benchmarks)
+        self.max_active = 0  # the most rows decoded together in one step
+        self._ids = itertools.count()
+        self._cancelled: set[int] = set()
+        self._prefix: tuple[list[int], KVCache | None] = ([], None)
+
+    # -- requests --------------------------------------------------------------------------------------
+
+    def add(self, prompt_ids: list[int], request: Request) -> int:
+        """Queue a request; return its id. ContextOverflowError now if it can never fit the cache's positions."""
+        prompts.check_fits(len(prompt_ids), request.max_new_tokens, self.engine.config.context_length)
+        prompts.check_fits(len(prompt_ids), request.max_new_tokens, self.max_positions,
+                           "the positions each batch row holds")
+        prefix_ids, _ = self._prefix
+        n = len(prefix_ids)
+        prefix = n if n and len(prompt_ids) > n and prompt_ids[:n] == prefix_ids else 0
+        sid = next(self._ids)
+        self.waiting.append(_Row(sid, list(prompt_ids), request, prefix))
+        return sid
+
+    def cancel(self, sid: int) -> None:
+        """Stop a request: its slot (or its place in the queue) is freed at the next step, which reports its
+        Finished event with reason 'cancelled'. Unknown or finished ids are ignored."""
+        self._cancelled.add(sid)
+
+    @property
+    def idle(self) -> bool:
+        """True when no request is running or waiting."""
+        return not self.waiting and not any(self.slots)
+
+    @property
+    def active(self) -> int:
+        """Rows decoding now."""
+        return sum(s is not None for s in self.slots)
+
+    @property
+    def shared_prefix_tokens(self) -> int:
+        """Length of the prefix set by `share_prefix` (0 when none)."""
+        return len(self._prefix[0])
+
+    @torch.inference_mode()
+    def share_prefix(self, prompt_list: list[list[int]]) -> int:
+        """Prefill once the prefix every prompt in `prompt_list` shares (when at least SHARED_PREFIX_MIN tokens),
+        for requests added afterwards that start with it; return its length (0: none). Each prompt keeps at
+        least its last token to prefill, whose logits give its first new token."""
+        self._prefix = ([], None)
+        cfg = self.engine.config
+        if len(prompt_list) < 2:
+            return 0
+        if cfg.rope_type == "dynamic" and max(len(ids) for ids in prompt_list) > cfg.max_seq_len:
+            return 0  # past the context, dynamic NTK rotates by the whole prompt's length: no reuse
+        n = min(len(ids) for ids in prompt_list) - 1
+        first = prompt_list[0]
+        for ids in prompt_list[1:]:
+            n = next((j for j in range(n) if ids[j] != first[j]), n)
+            if n < SHARED_PREFIX_MIN:
+                return 0
+        cache = self.engine.new_cache(n)
+        self.engine.model(torch.tensor([first[:n]], device=self.engine.device), 0, cache, last_only=True)
+        self._prefix = (list(first[:n]), cache)
+        return n
+
+    # -- stepping --------------------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def step(self) -> list[tuple[int, Event]]:
+        """One forward: decode every active row and prefill admitted prompts; (id, event) for each row that moved."""
+        events = self._apply_cancellations()
+        free = [i for i, s in enumerate(self.slots) if s is None]
+        admitted = plan_admissions(free, (w.prefill_tokens for w in self.waiting), self.prefill_budget)
+        new = {slot: self.waiting.popleft() for slot in admitted}
+        if new or any(self.slots):
+            events += self._forward(new)
+        if not self.waiting:  # nothing left to fill holes with: keep the active rows contiguous
+            self._compact()
+        return events
+
+    def _apply_cancellations(self) -> list[tuple[int, Event]]:
+        if not self._cancelled:
+            return []
+        events = []
+        for i, row in enumerate(self.slots):
+            if row is not None and row.sid in self._cancelled:
+                events += [(row.sid, e) for e in row.seq.cancel()]
+                self.slots[i] = None
+        for row in [w for w in self.waiting if w.sid in self._cancelled]:
+            self.waiting.remove(row)
+            events += [(row.sid, e) for e in row.start(self.engine).cancel()]
+        self._cancelled.clear()
+        return events
+
+    def _forward(self, new: dict[int, _Row]) -> list[tuple[int, Event]]:
+        device = self.engine.device
+        cache = self.cache
+        order: list[tuple[int, _Row, bool]] = []  # (slot, row, is_new) in the order of the logits rows
+        parts = []
+        run: list[int] = []  # a contiguous run of decoding slots, forming one part
+
+        def close_run() -> None:
+            if run:
+                positions = [self.slots[i].seq.pos for i in run]
+                tokens = torch.tensor([[self.slots[i].seq.last_token] for i in run], device=device)  # (n, 1)
+                # Rows all at one position need no mask (and then match a single-row forward bit for bit).
+                start = positions[0] if min(positions) == max(positions) else torch.tensor(positions, device=device)
+                parts.append((tokens, start, cache.rows(run[0], run[-1] + 1)))
+                order.extend((i, self.slots[i], False) for i in run)
+                run.clear()
+
+        for i, row in enumerate(self.slots):
+            if row is not None:
+                run.append(i)
+                continue
+            close_run()
+            if i in new:
+                row = new[i]
+                row.start(self.engine)
+                n = row.prefix
+                if n:  # the shared prefix's keys/values are computed: copy them, prefill the rest
+                    cache.copy_prefix(i, self._prefix[1], 0, n)
+                order.append((i, row, True))
+                parts.append((torch.tensor([row.ids[n:]], device=device), n, cache.rows(i, i + 1)))
+        close_run()
+
+        self.steps += 1
+        self.max_active = max(self.max_active, len(order))
+        logits = self.engine.model.forward_last(parts).float().cpu()  # (rows, V)
+        greedy = torch.argmax(logits, dim=-1).tolist() if any(r.seq.plain_greedy for _, r, _ in order) else None
+        logprobs = torch.log_softmax(logits, dim=-1) if any(r.seq.logprobs is not None for _, r, _ in order) else None
+        events = []
+        for j, (i, row, is_new) in enumerate(order):
+            seq = row.seq
+            if is_new:
+                self.slots[i] = row
+            else:
+                seq.advance()
+            events += [(row.sid, e) for e in seq.step(logits[j], greedy[j] if greedy is not None else None,
+                                                       logprobs[j] if logprobs is not None else None)]
+            if seq.done:
+                self.slots[i] = None
+        return events
+
+    def _compact(self) -> None:
+        """Move the last active rows into the holes before them, so the active rows are slots 0..n-1."""
+        while True:
+            holes = [i for i, r in enumerate(self.slots) if r is None]
+            last = max((i for i, r in enumerate(self.slots) if r is not None), default=-1)
+            if not holes or holes[0] > last:
+                return
+            self.cache.move_row(last, holes[0], self.slots[last].seq.pos)
+            self.slots[holes[0]], self.slots[last] = self.slots[last], None
+
+
+def scheduler_for(engine, items: list[tuple[object, list[int], Request]], batch_size: int = 8,
+                  prefill_budget: int = PREFILL_TOKENS_PER_STEP) -> Scheduler:
+    """A scheduler sized for a batch job: min(batch_size, items) rows of the longest prompt + max_new_tokens.
+
+    Every item is checked against the model's context first (ContextOverflowError before anything runs).
+    """
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise UsageError(f"batch-size must be an integer >= 1, got {batch_size!r}")
+    for _, ids, req in items:
+        engine.check_fits(len(ids), req.max_new_tokens)
+    if not items:
+        raise UsageError("a batch needs at least one item")
+    n_positions = max(len(ids) + req.max_new_tokens for _, ids, req in items)
+    return Scheduler(engine, min(batch_size, len(items)), n_positions, prefill_budget)
+
+
+def generate_batch(engine, items: Iterable[tuple[object, list[int], Request]], batch_size: int = 8,
+              scheduler: Scheduler | None = None) -> Iterator[tuple[object, Finished]]:
+    """Generate for every (key, prompt_ids, request); yield (key, Finished) in the order rows finish.
+
+    The prefix every prompt shares is prefilled once. `scheduler` (from `scheduler_for`) lets a caller read
+    its counters afterwards.
+    """
+    items = list(items)
+    if not items:
+        return
+    sched = scheduler or scheduler_for(engine, items, batch_size)
+    sched.share_prefix([ids for _, ids, _ in items])
+    keys = {sched.add(ids, req): key for key, ids, req in items}
+    while not sched.idle:
+        for sid, event in sched.step():
+            if isinstance(event, Finished):
+                yield keys.pop(sid), event
