@@ -110,3 +110,35 @@ def write_tiny_chat_checkpoint(path: Path, **overrides) -> Path:
 def tiny_chat_dir(tmp_path_factory) -> Path:
     """A tiny checkpoint that generate/chat/perplexity can run end to end (tokenizer + chat template)."""
     return write_tiny_chat_checkpoint(tmp_path_factory.mktemp("tiny-chat") / "ckpt")
+
+
+PAD_ROWS = 16  # embedding rows past the tokenizer's vocabulary in the padded-vocab fixture
+PAD_HEAD_SCALE = 0.035  # the padded lm_head rows' scale: greedy then emits them now and then, not always
+
+
+def write_padded_vocab_checkpoint(path: Path) -> Path:
+    """A tiny chat checkpoint whose model vocabulary is PAD_ROWS larger than its tokenizer's (as fine-tunes pad
+    32000 to 32128). The padded rows of the lm_head are scaled up so that greedy decoding emits them."""
+    from safetensors.torch import load_file, save_file
+
+    from tokenizers import Tokenizer
+
+    write_tiny_chat_checkpoint(path)
+    n = Tokenizer.from_file(str(path / "tokenizer.json")).get_vocab_size()
+    conf = json.loads((path / "config.json").read_text())
+    tensors = load_file(path / "model.safetensors")
+    torch.manual_seed(1)
+    embed = tensors["model.embed_tokens.weight"]
+    tensors["model.embed_tokens.weight"] = torch.cat([embed, torch.randn(PAD_ROWS, embed.shape[1]) * 0.02])
+    head = tensors["lm_head.weight"]
+    tensors["lm_head.weight"] = torch.cat([head, torch.randn(PAD_ROWS, head.shape[1]) * PAD_HEAD_SCALE])
+    save_file(tensors, path / "model.safetensors", metadata={"format": "pt"})
+    conf["vocab_size"] = n + PAD_ROWS
+    (path / "config.json").write_text(json.dumps(conf, indent=2))
+    return path
+
+
+@pytest.fixture(scope="session")
+def padded_vocab_dir(tmp_path_factory) -> Path:
+    """A tiny chat checkpoint with a padded vocabulary (model vocab_size > the tokenizer's)."""
+    return write_padded_vocab_checkpoint(tmp_path_factory.mktemp("padded") / "ckpt")

@@ -131,9 +131,61 @@ def test_chat_session_reuses_cache_and_matches_a_fresh_run(smol):
 
 
 @pytest.mark.slow
-def test_chat_session_overflow_tells_about_reset(smol):
+def test_chat_session_overflow_names_the_numbers(smol):
     from llamacli.generation import ChatSession
 
     chat = ChatSession(smol, max_context=40)
-    with pytest.raises(ContextOverflowError, match="use /reset"):
+    with pytest.raises(ContextOverflowError, match=r"exceeds the positions this conversation keeps of 40 tokens"):
         list(chat.turn("Tell me a long story about a dragon.", Request(max_new_tokens=32)))
+
+
+# -- a model vocabulary padded past the tokenizer's -----------------------------------------------------------
+
+PADDED_PROMPTS = ["hello there", "Name a fruit.", "What is 2+2?"]
+
+
+@pytest.fixture(scope="module")
+def padded(padded_vocab_dir):
+    import transformers
+
+    ref = transformers.LlamaForCausalLM.from_pretrained(padded_vocab_dir, dtype=torch.float32).eval()
+    hf_tok = transformers.PreTrainedTokenizerFast(tokenizer_file=str(padded_vocab_dir / "tokenizer.json"))
+    return Engine.load(padded_vocab_dir, dtype="float32", device="cpu"), ref, hf_tok
+
+
+@pytest.mark.parity
+def test_padded_vocab_generates_transformers_ids_and_text(padded):
+    """Ids past the tokenizer's vocabulary are generated as transformers generates them and decode as nothing,
+    as transformers' tokenizer decodes them; streamed text equals the final text."""
+    engine, ref, hf_tok = padded
+    n_tok = engine.tokenizer.vocab_size
+    assert engine.config.vocab_size > n_tok
+    emitted_padding = 0
+    for text in PADDED_PROMPTS:
+        ids = engine.chat_ids([{"role": "user", "content": text}])
+        expected = ref.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                                max_new_tokens=30, do_sample=False, pad_token_id=0,
+                                eos_token_id=list(engine.eos_ids))[0, len(ids):].tolist()
+        events = list(engine.stream(ids, Request(max_new_tokens=30)))
+        result = events[-1]
+        assert result.token_ids == expected
+        assert result.text == "".join(e.text for e in events[:-1])
+        assert engine.tokenizer.decode(result.token_ids, skip_special_tokens=True) == hf_tok.decode(
+            result.token_ids, skip_special_tokens=True)
+        emitted_padding += sum(t >= n_tok for t in result.token_ids)
+    assert emitted_padding > 0  # the fixture must exercise the padded rows
+
+
+def test_padded_vocab_batches_and_chats(padded):
+    from llamacli.batch import generate_many
+    from llamacli.generation import ChatSession
+
+    engine, _, _ = padded
+    results = generate_many(engine, PADDED_PROMPTS, batch_size=2, max_new_tokens=20)
+    for text, result in zip(PADDED_PROMPTS, results):
+        single = engine.generate(engine.chat_ids([{"role": "user", "content": text}]), Request(max_new_tokens=20))
+        assert "error" not in result and result["token_ids"] == single.token_ids and result["text"] == single.text
+    chat = ChatSession(engine)
+    for text in PADDED_PROMPTS[:2]:
+        assert isinstance(list(chat.turn(text, Request(max_new_tokens=20)))[-1], Finished)
+    assert len(chat.conversation.turns) == 2
