@@ -254,7 +254,8 @@ def read_tensors(folder: Path, files: list[Path] | None = None) -> dict[str, Ten
                 raise WeightsError(f"{index}: lists tensor '{name}' in '{file}', which does not hold it")
         unlisted = [n for n in tensors if n not in weight_map and not n.endswith(IGNORED_SUFFIXES)]
         if unlisted:
-            raise WeightsError(f"{index}: does not list tensor '{unlisted[0]}' stored in {tensors[unlisted[0]].file.name}")
+            first = tensors[unlisted[0]]
+            raise WeightsError(f"{index}: does not list tensor '{first.name}' stored in {first.file.name}")
     return tensors
 
 
