@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
+from llamacli import layout
 from llamacli.errors import UsageError
 from llamacli.kv_cache import KVCache
 from llamacli.model import Llama
@@ -128,9 +129,7 @@ def weight_bytes_per_step(model: Llama) -> int:
 
 def kv_bytes_per_step(model: Llama, context: float, batch_size: int, dtype: torch.dtype) -> int:
     """Bytes of KV cache a decode step reads at a given filled length (keys and values, all layers, all rows)."""
-    cfg = model.config
-    per_position = 2 * cfg.n_layers * cfg.n_kv_heads * cfg.head_dim * torch.empty((), dtype=dtype).element_size()
-    return int(per_position * context * batch_size)
+    return int(layout.kv_bytes_per_token(model.config, str(dtype)) * context * batch_size)
 
 
 def peak_memory_mb(device: torch.device) -> float:

@@ -25,12 +25,14 @@ from typing import Any, Callable
 
 import numpy as np
 
+from llamacli import layout
+from llamacli.config import LlamaConfig
 from llamacli.errors import ConfigError, InputError, TokenizerError, UsageError, WeightsError
 
 # Bump when the output of a conversion changes, so cached conversions are redone.
 CONVERTER_VERSION = 2
 
-DTYPES = ("bfloat16", "float16", "float32")
+DTYPES = layout.RUN_DTYPES
 
 # Shards of at most this many bytes keep memory bounded on large models.
 SHARD_BYTES = 4 << 30
@@ -322,9 +324,11 @@ def _write_weights(reader, config: dict, out: Path, dtype: str, progress: Progre
     import torch
     from safetensors.torch import save_file
 
-    torch_dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[dtype]
+    torch_dtype = getattr(torch, dtype)
     n_heads, n_kv_heads = config["num_attention_heads"], config["num_key_value_heads"]
-    expected = _expected_shapes(config)
+    # The shapes the loader will check, from the same table (the config is the one written beside them).
+    expected = {name: spec.shape for name, spec in layout.expected_tensors(
+        LlamaConfig.from_hf(config, source="the config built from the GGUF metadata")).items()}
     tensors = [t for t in reader.tensors if t.name != "rope_freqs.weight"]
     total = len(tensors)
 
@@ -385,32 +389,6 @@ def _make_readable(path: Path) -> None:
     except OSError:
         pass
     path.chmod(0o666 & ~umask)
-
-
-def _expected_shapes(config: dict) -> dict[str, tuple[int, ...]]:
-    dim, ffn, vocab = config["hidden_size"], config["intermediate_size"], config["vocab_size"]
-    head_dim = config["head_dim"]
-    q_rows, kv_rows = config["num_attention_heads"] * head_dim, config["num_key_value_heads"] * head_dim
-    shapes = {
-        "model.embed_tokens.weight": (vocab, dim),
-        "model.norm.weight": (dim,),
-    }
-    if not config["tie_word_embeddings"]:
-        shapes["lm_head.weight"] = (vocab, dim)
-    for i in range(config["num_hidden_layers"]):
-        p = f"model.layers.{i}."
-        shapes |= {
-            p + "self_attn.q_proj.weight": (q_rows, dim),
-            p + "self_attn.k_proj.weight": (kv_rows, dim),
-            p + "self_attn.v_proj.weight": (kv_rows, dim),
-            p + "self_attn.o_proj.weight": (dim, q_rows),
-            p + "mlp.gate_proj.weight": (ffn, dim),
-            p + "mlp.up_proj.weight": (ffn, dim),
-            p + "mlp.down_proj.weight": (dim, ffn),
-            p + "input_layernorm.weight": (dim,),
-            p + "post_attention_layernorm.weight": (dim,),
-        }
-    return shapes
 
 
 # ---------------------------------------------------------------------------------------------

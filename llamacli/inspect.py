@@ -1,178 +1,17 @@
 """Describe a checkpoint from its config and safetensors headers, without reading a single tensor.
 
-A safetensors file starts with an 8-byte little-endian header length and a JSON header naming every tensor's
-dtype, shape and byte range; that is all `inspect_checkpoint` reads (a 70B checkpoint inspects in a second).
-The tensor names and shapes are checked against what the config says the model needs, so inspect also tells
-a broken or truncated checkpoint apart from a good one. No torch here.
+Only the safetensors headers are read (a 70B checkpoint inspects in a second), and they are checked against
+the config by `llamacli.layout`, the same check `load_model` makes: inspect accepts exactly the checkpoints
+that load, and tells a broken or truncated one apart from a good one. No torch here.
 """
 
 from __future__ import annotations
 
-import json
-import math
-import struct
-from dataclasses import dataclass
 from pathlib import Path
 
-from llamacli.config import LlamaConfig, load_config
-from llamacli.errors import UsageError, WeightsError
-
-# Bytes per element of safetensors dtypes, and of the dtypes a model can run in.
-DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
-               "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
-DTYPE_NAMES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64",
-               "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool",
-               "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2"}
-RUN_DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
-PICKLE_PATTERNS = ("*.bin", "*.pth", "*.pt", "*.ckpt")
-IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
-MAX_HEADER_BYTES = 100 << 20  # safetensors' own limit
-
-
-@dataclass(frozen=True)
-class TensorInfo:
-    """One tensor as its file header describes it."""
-
-    name: str
-    dtype: str  # safetensors spelling: F32, BF16, ...
-    shape: tuple[int, ...]
-    file: Path
-
-    @property
-    def numel(self) -> int:
-        """Number of elements."""
-        return math.prod(self.shape)
-
-
-def read_header(path: Path) -> dict[str, TensorInfo]:
-    """Tensors of one safetensors file from its header; checks the byte ranges against the file size."""
-    try:
-        size = path.stat().st_size
-        with open(path, "rb") as f:
-            head = f.read(8)
-            if len(head) < 8:
-                raise WeightsError(f"{path}: truncated safetensors file ({size} bytes, no header)")
-            (n,) = struct.unpack("<Q", head)
-            if n > MAX_HEADER_BYTES or 8 + n > size:
-                raise WeightsError(f"{path}: corrupt or truncated safetensors header "
-                                   f"(header says {n} bytes, file has {size})")
-            raw = f.read(n)
-    except OSError as exc:
-        raise WeightsError(f"{path}: cannot read ({exc.strerror or exc})") from None
-    try:
-        header = json.loads(raw.decode("utf-8"))
-        if not isinstance(header, dict):
-            raise ValueError("not an object")
-    except (UnicodeDecodeError, ValueError) as exc:
-        raise WeightsError(f"{path}: corrupt safetensors header ({exc})") from None
-    data_bytes = size - 8 - n
-    out = {}
-    for name, entry in header.items():
-        if name == "__metadata__":
-            continue
-        try:
-            dtype, shape, (start, end) = entry["dtype"], tuple(int(d) for d in entry["shape"]), entry["data_offsets"]
-        except (KeyError, TypeError, ValueError):
-            raise WeightsError(f"{path}: corrupt safetensors header entry for '{name}'") from None
-        if dtype not in DTYPE_BYTES:
-            raise WeightsError(f"{path}: tensor '{name}' has unsupported dtype {dtype}")
-        if end - start != math.prod(shape) * DTYPE_BYTES[dtype] or start < 0:
-            raise WeightsError(f"{path}: tensor '{name}': byte range does not match its shape and dtype")
-        if end > data_bytes:
-            raise WeightsError(f"{path}: truncated: tensor '{name}' ends at byte {end} of the data, "
-                               f"but the file holds {data_bytes}")
-        out[name] = TensorInfo(name, dtype, shape, path)
-    return out
-
-
-def weight_files(folder: Path) -> list[Path]:
-    """The safetensors files of a checkpoint (from the index when sharded); refuses pickle-only folders."""
-    index = folder / "model.safetensors.index.json"
-    if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-            files = sorted(set(weight_map.values()))
-        except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as exc:
-            raise WeightsError(f"{index}: malformed index ({exc.__class__.__name__}: {exc})") from None
-        missing = [f for f in files if not (folder / f).is_file()]
-        if missing:
-            raise WeightsError(f"{index}: shard '{missing[0]}' is missing")
-        return [folder / f for f in files]
-    files = sorted(folder.glob("*.safetensors"))
-    if not files:
-        pickles = [p.name for pat in PICKLE_PATTERNS for p in sorted(folder.glob(pat))]
-        if pickles:
-            raise WeightsError(f"{folder}: only pickle weights ({', '.join(pickles[:3])}); pickle files can run "
-                               "code when loaded, so llamacli reads safetensors only")
-        raise WeightsError(f"{folder}: no *.safetensors weights found")
-    return files
-
-
-def expected_shapes(c: LlamaConfig) -> dict[str, tuple[int, ...]]:
-    """Checkpoint tensor names a Llama with this config needs, with their shapes (tied lm_head excluded)."""
-    q, kv = c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim
-    shapes = {"model.embed_tokens.weight": (c.vocab_size, c.dim)}
-    for i in range(c.n_layers):
-        p = f"model.layers.{i}."
-        shapes |= {p + "self_attn.q_proj.weight": (q, c.dim), p + "self_attn.k_proj.weight": (kv, c.dim),
-                   p + "self_attn.v_proj.weight": (kv, c.dim), p + "self_attn.o_proj.weight": (c.dim, q)}
-        if c.attention_bias:
-            shapes |= {p + "self_attn.q_proj.bias": (q,), p + "self_attn.k_proj.bias": (kv,),
-                       p + "self_attn.v_proj.bias": (kv,), p + "self_attn.o_proj.bias": (c.dim,)}
-        shapes |= {p + "mlp.gate_proj.weight": (c.ffn_dim, c.dim), p + "mlp.up_proj.weight": (c.ffn_dim, c.dim),
-                   p + "mlp.down_proj.weight": (c.dim, c.ffn_dim)}
-        if c.mlp_bias:
-            shapes |= {p + "mlp.gate_proj.bias": (c.ffn_dim,), p + "mlp.up_proj.bias": (c.ffn_dim,),
-                       p + "mlp.down_proj.bias": (c.dim,)}
-        shapes |= {p + "input_layernorm.weight": (c.dim,), p + "post_attention_layernorm.weight": (c.dim,)}
-    shapes["model.norm.weight"] = (c.dim,)
-    if not c.tie_embeddings:
-        shapes["lm_head.weight"] = (c.vocab_size, c.dim)
-    return shapes
-
-
-def check_tensors(config: LlamaConfig, tensors: dict[str, TensorInfo], folder: Path) -> dict[str, TensorInfo]:
-    """The tensors the model uses; raises WeightsError naming a missing, unexpected or mis-shaped one."""
-    need = expected_shapes(config)
-    have = {n: t for n, t in tensors.items() if not n.endswith(IGNORED_SUFFIXES)}
-    if "lm_head.weight" not in need:
-        have.pop("lm_head.weight", None)  # tied: a stored copy is ignored, as transformers does
-    elif "lm_head.weight" not in have:
-        need.pop("lm_head.weight")  # no lm_head stored: the embeddings are used (Llama-3.2 1B/3B)
-    missing = [n for n in need if n not in have]
-    if missing:
-        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
-        raise WeightsError(f"{folder}: missing tensor '{missing[0]}'{more}")
-    unexpected = [n for n in have if n not in need]
-    if unexpected:
-        more = f" (and {len(unexpected) - 1} more)" if len(unexpected) > 1 else ""
-        raise WeightsError(f"{have[unexpected[0]].file}: unexpected tensor '{unexpected[0]}'{more} "
-                           "(is this a Llama checkpoint?)")
-    for name, shape in need.items():
-        if have[name].shape != shape:
-            raise WeightsError(f"{have[name].file}: tensor '{name}' has shape {list(have[name].shape)}, "
-                               f"expected {list(shape)}")
-    return have
-
-
-def kind_of(name: str) -> str:
-    """Which part of the model a tensor belongs to: embeddings, attention, mlp, norms or lm_head."""
-    if name == "lm_head.weight":
-        return "lm_head"
-    if "embed_tokens" in name:
-        return "embeddings"
-    if ".self_attn." in name:
-        return "attention"
-    if ".mlp." in name:
-        return "mlp"
-    if "norm" in name:
-        return "norms"
-    return "other"
-
-
-def kv_bytes_per_token(config: LlamaConfig, dtype: str) -> int:
-    """Bytes of keys and values one position takes in the cache, all layers."""
-    return 2 * config.n_layers * config.n_kv_heads * config.head_dim * RUN_DTYPE_BYTES[dtype]
+from llamacli import layout
+from llamacli.config import load_config
+from llamacli.errors import UsageError
 
 
 def inspect_checkpoint(folder: str | Path, dtype: str = "auto") -> dict:
@@ -187,28 +26,27 @@ def inspect_checkpoint(folder: str | Path, dtype: str = "auto") -> dict:
 
     folder = Path(folder)
     config = load_config(folder)
-    files = weight_files(folder)
-    tensors: dict[str, TensorInfo] = {}
-    for path in files:
-        tensors |= read_header(path)
-    used = check_tensors(config, tensors, folder)
+    files = layout.weight_files(folder)
+    used = layout.check_tensors(config, layout.read_tensors(folder, files), folder)
+    table = layout.expected_tensors(config)  # bounded: the check above found every layer stored
 
-    by_kind = {"embeddings": 0, "attention": 0, "mlp": 0, "norms": 0, "lm_head": 0}
+    by_kind = dict.fromkeys(layout.KINDS, 0)
     stored: dict[str, int] = {}
     for t in used.values():
-        by_kind[kind_of(t.name)] += t.numel
-        stored[DTYPE_NAMES[t.dtype]] = stored.get(DTYPE_NAMES[t.dtype], 0) + t.numel
+        by_kind[table[t.name].kind] += t.numel
+        name = layout.SAFETENSORS_DTYPES[t.dtype].name
+        stored[name] = stored.get(name, 0) + t.numel
     total = sum(by_kind.values())
 
     if dtype == "auto":
-        dtype = config.torch_dtype if config.torch_dtype in RUN_DTYPE_BYTES else max(stored, key=stored.get)
-        if dtype not in RUN_DTYPE_BYTES:
+        dtype = config.torch_dtype if config.torch_dtype in layout.RUN_DTYPES else max(stored, key=stored.get)
+        if dtype not in layout.RUN_DTYPES:
             dtype = "float32"
-    elif dtype not in RUN_DTYPE_BYTES:
-        raise UsageError(f"unknown dtype '{dtype}' (choose auto, {', '.join(RUN_DTYPE_BYTES)})")
-    per_token = kv_bytes_per_token(config, dtype)
+    elif dtype not in layout.RUN_DTYPES:
+        raise UsageError(f"unknown dtype '{dtype}' (choose auto, {', '.join(layout.RUN_DTYPES)})")
+    per_token = layout.kv_bytes_per_token(config, dtype)
     kv_full = per_token * config.context_length
-    weights_bytes = total * RUN_DTYPE_BYTES[dtype]
+    weights_bytes = total * layout.dtype_bytes(dtype)
 
     layers = []
     for i in range(config.n_layers):

@@ -14,14 +14,14 @@ from __future__ import annotations
 
 import torch
 
+from llamacli import layout
 from llamacli.config import LlamaConfig
 from llamacli.errors import ContextOverflowError
 
 
 def cache_bytes(config: LlamaConfig, max_batch: int, max_seq_len: int, dtype: torch.dtype) -> int:
     """Bytes a cache of this size takes (keys and values, all layers)."""
-    per_token = 2 * config.n_layers * config.n_kv_heads * config.head_dim * torch.empty((), dtype=dtype).element_size()
-    return per_token * max_batch * max_seq_len
+    return layout.kv_bytes_per_token(config, str(dtype)) * max_batch * max_seq_len
 
 
 class KVCache:

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Callable
 
 from llamacli.errors import InputError, UsageError
+from llamacli.layout import RUN_DTYPES
 
 # Everything llamacli reads from a checkpoint, and nothing else (no pickles, no GGUF/ONNX copies).
 HUB_PATTERNS = [
@@ -32,7 +33,6 @@ HUB_PATTERNS = [
 
 # huggingface_hub's own rule for repo ids: letters, digits, '-', '_', '.'; no '--' or '..'; one '/'.
 _REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}/[A-Za-z0-9][A-Za-z0-9._-]{0,95}$")
-_GGUF_DTYPES = ("bfloat16", "float16", "float32")
 
 
 def looks_like_repo_id(spec: str) -> bool:
@@ -59,7 +59,7 @@ def resolve_model(spec: str, revision: str | None = None, progress: bool | Calla
         if path.suffix.lower() == ".gguf":
             from llamacli.gguf import cached_conversion
 
-            stored = dtype if dtype in _GGUF_DTYPES else "bfloat16"
+            stored = dtype if dtype in RUN_DTYPES else "bfloat16"  # GGUF conversions are stored in a run dtype
             return cached_conversion(path, dtype=stored, progress=progress if callable(progress) else None)
         raise InputError(f"{spec}: not a checkpoint folder or a .gguf file")
     if path.suffix.lower() == ".gguf":

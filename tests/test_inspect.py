@@ -14,7 +14,8 @@ import torch
 
 from llamacli.config import load_config
 from llamacli.errors import ConfigError, InputError, WeightsError
-from llamacli.inspect import inspect_checkpoint, read_header
+from llamacli.inspect import inspect_checkpoint
+from llamacli.layout import read_header
 
 
 def transformers_parameter_count(folder: Path) -> int:
