@@ -19,7 +19,6 @@ import math
 import os
 import shutil
 import tempfile
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -27,7 +26,8 @@ import numpy as np
 
 from llamacli import layout
 from llamacli.config import LlamaConfig
-from llamacli.errors import ConfigError, InputError, TokenizerError, UsageError, WeightsError
+from llamacli.errors import ConfigError, InputError, UsageError, WeightsError
+from llamacli.gguf_vocab import special_id, write_tokenizer
 
 # Bump when the output of a conversion changes, so cached conversions are redone.
 CONVERTER_VERSION = 2
@@ -39,8 +39,6 @@ SHARD_BYTES = 4 << 30
 
 ProgressFn = Callable[[int, int, str], None]
 
-# GGUF token types (llama.cpp's llama_token_type), which are also SentencePiece's piece types.
-_NORMAL, _UNKNOWN, _CONTROL, _USER_DEFINED, _UNUSED, _BYTE = 1, 2, 3, 4, 5, 6
 
 _LAYER_NAMES = {
     "attn_q": "self_attn.q_proj",
@@ -60,63 +58,6 @@ _GLOBAL_NAMES = {
 }
 
 # Pre-tokenizer splits, by `tokenizer.ggml.pre`, as llama.cpp's llama-vocab.cpp applies them.
-_GPT2_SPLIT = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
-_LLAMA3_SPLIT = (
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
-    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
-)
-_QWEN2_SPLIT = (
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
-    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
-)
-_TEKKEN_SPLIT = (
-    r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+"
-    r"|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*"
-    r"|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+"
-)
-_GPT4O_SPLIT = (
-    r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+(?i:'s|'t|'re|'ve|'m|'ll|'d)?"
-    r"|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*(?i:'s|'t|'re|'ve|'m|'ll|'d)?"
-    r"|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+"
-)
-
-
-@dataclass(frozen=True)
-class _PreTokenizer:
-    split: str
-    digits: bool = False  # split every digit on its own first (StarCoder-style vocabularies)
-    ignore_merges: bool = False  # a word that is a whole token is not merged (Llama 3)
-    add_bos: bool = False  # llama.cpp's default when the file does not say
-
-
-_LLAMA3 = _PreTokenizer(_LLAMA3_SPLIT, ignore_merges=True, add_bos=True)
-_STARCODER = _PreTokenizer(_GPT2_SPLIT, digits=True)
-_PRE_TOKENIZERS = {
-    "default": _PreTokenizer(_GPT2_SPLIT),
-    "gpt2": _PreTokenizer(_GPT2_SPLIT),
-    "gpt-2": _PreTokenizer(_GPT2_SPLIT),
-    "llama3": _LLAMA3,
-    "llama-v3": _LLAMA3,
-    "llama-bpe": _LLAMA3,
-    "falcon3": _LLAMA3,
-    "smaug-bpe": _PreTokenizer(_LLAMA3_SPLIT),
-    "dbrx": _PreTokenizer(_LLAMA3_SPLIT),
-    "smollm": _STARCODER,
-    "starcoder": _STARCODER,
-    "refact": _STARCODER,
-    "command-r": _STARCODER,
-    "codeshell": _STARCODER,
-    "exaone": _STARCODER,
-    "minerva-7b": _STARCODER,
-    "qwen2": _PreTokenizer(_QWEN2_SPLIT),
-    "deepseek-r1-qwen": _PreTokenizer(_QWEN2_SPLIT),
-    "megrez": _PreTokenizer(_QWEN2_SPLIT),
-    "tekken": _PreTokenizer(_TEKKEN_SPLIT),
-    "gpt-4o": _PreTokenizer(_GPT4O_SPLIT),
-    "llama4": _PreTokenizer(_GPT4O_SPLIT),
-}
-
-
 # ---------------------------------------------------------------------------------------------
 # Reading
 
@@ -217,10 +158,6 @@ def _llama3_scaling(reader, head_dim: int, theta: float, meta: dict) -> dict:
     )
 
 
-def _token_id(meta: dict, name: str) -> int | None:
-    value = meta.get(f"tokenizer.ggml.{name}_token_id")
-    return int(value) if value is not None else None
-
 
 def _build_config(meta: dict, reader, tensor_names: set[str], dtype: str) -> tuple[dict, dict]:
     """(config.json, generation_config.json) from the metadata of a llama GGUF."""
@@ -242,7 +179,7 @@ def _build_config(meta: dict, reader, tensor_names: set[str], dtype: str) -> tup
     vocab_size = int(_get(meta, "llama.vocab_size", 0) or len(tokens))
     if not vocab_size:
         raise ConfigError("GGUF metadata states no vocabulary size and has no tokens")
-    bos, eos, pad = _token_id(meta, "bos"), _token_id(meta, "eos"), _token_id(meta, "padding")
+    bos, eos, pad = special_id(meta, "bos"), special_id(meta, "eos"), special_id(meta, "padding")
 
     config: dict[str, Any] = {
         "architectures": ["LlamaForCausalLM"],
@@ -268,7 +205,7 @@ def _build_config(meta: dict, reader, tensor_names: set[str], dtype: str) -> tup
         "torch_dtype": dtype,
     }
     # Chat models end turns with an end-of-turn/-message token that is not the eos id: stop on all.
-    eos_ids = [i for i in (eos, _token_id(meta, "eot"), _token_id(meta, "eom")) if i is not None]
+    eos_ids = [i for i in (eos, special_id(meta, "eot"), special_id(meta, "eom")) if i is not None]
     eos_ids = list(dict.fromkeys(eos_ids))
     generation = {
         "bos_token_id": bos,
@@ -392,185 +329,6 @@ def _make_readable(path: Path) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-# Tokenizer
-
-
-def _bytes_to_unicode() -> dict[int, str]:
-    """GPT-2's printable spelling of each byte, the alphabet of byte-level BPE vocabularies."""
-    keep = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    spelling, extra = {}, 0
-    for byte in range(256):
-        if byte in keep:
-            spelling[byte] = chr(byte)
-        else:
-            spelling[byte] = chr(256 + extra)
-            extra += 1
-    return spelling
-
-
-def _write_bpe_tokenizer(meta: dict, out: Path, pre: _PreTokenizer, add_bos: bool) -> None:
-    """tokenizer.json for a byte-level BPE (`gpt2`) vocabulary."""
-    tokens: list[str] = list(meta["tokenizer.ggml.tokens"])
-    types: list[int] = list(meta.get("tokenizer.ggml.token_type") or [_NORMAL] * len(tokens))
-    merges: list[str] = list(meta.get("tokenizer.ggml.merges") or [])
-    spelling = _bytes_to_unicode()
-    alphabet = set(spelling.values())
-
-    vocab: dict[str, int] = {}
-    added = []
-    for index, (token, kind) in enumerate(zip(tokens, types)):
-        key = token
-        if not set(token) <= alphabet:
-            # Added tokens are stored as raw text; the BPE vocabulary wants them in the byte alphabet.
-            key = "".join(spelling[b] for b in token.encode("utf-8"))
-        if key in vocab:
-            key = token if token not in vocab else f"<gguf_duplicate_{index}>"
-        vocab[key] = index
-        if kind in (_CONTROL, _USER_DEFINED):
-            added.append({
-                "id": index, "content": token, "single_word": False, "lstrip": False, "rstrip": False,
-                "normalized": False, "special": kind == _CONTROL,
-            })
-
-    pre_tokenizers: list[dict] = []
-    if pre.digits:
-        pre_tokenizers.append({"type": "Digits", "individual_digits": True})
-    pre_tokenizers += [
-        {"type": "Split", "pattern": {"Regex": pre.split}, "behavior": "Isolated", "invert": False},
-        {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False},
-    ]
-    post_processor: dict = {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": False, "use_regex": True}
-    bos_id = _token_id(meta, "bos")
-    if add_bos and bos_id is not None:
-        bos = tokens[bos_id]
-        post_processor = {
-            "type": "TemplateProcessing",
-            "single": [{"SpecialToken": {"id": bos, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}],
-            "pair": [{"SpecialToken": {"id": bos, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}},
-                     {"SpecialToken": {"id": bos, "type_id": 1}}, {"Sequence": {"id": "B", "type_id": 1}}],
-            "special_tokens": {bos: {"id": bos, "ids": [bos_id], "tokens": [bos]}},
-        }
-    document = {
-        "version": "1.0",
-        "truncation": None,
-        "padding": None,
-        "added_tokens": added,
-        "normalizer": None,
-        "pre_tokenizer": {"type": "Sequence", "pretokenizers": pre_tokenizers},
-        "post_processor": post_processor,
-        "decoder": {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": True, "use_regex": True},
-        "model": {
-            "type": "BPE",
-            "dropout": None,
-            "unk_token": None,
-            "continuing_subword_prefix": None,
-            "end_of_word_suffix": None,
-            "fuse_unk": False,
-            "byte_fallback": False,
-            "ignore_merges": pre.ignore_merges,
-            "vocab": vocab,
-            "merges": [merge.split(" ", 1) for merge in merges],
-        },
-    }
-    (out / "tokenizer.json").write_text(json.dumps(document, ensure_ascii=False) + "\n", encoding="utf-8")
-    # Fail here, not at first use, if `tokenizers` cannot read what we wrote.
-    from tokenizers import Tokenizer
-
-    try:
-        Tokenizer.from_file(str(out / "tokenizer.json"))
-    except Exception as exc:
-        raise TokenizerError(f"the tokenizer built from the GGUF vocabulary does not load: {exc}") from exc
-
-
-def _write_sentencepiece_tokenizer(meta: dict, out: Path) -> None:
-    """tokenizer.model for a SentencePiece (`llama`) vocabulary."""
-    from sentencepiece import SentencePieceProcessor
-    from sentencepiece import sentencepiece_model_pb2 as sp_pb2
-
-    tokens: list[str] = list(meta["tokenizer.ggml.tokens"])
-    scores: list[float] = list(meta.get("tokenizer.ggml.scores") or [0.0] * len(tokens))
-    types: list[int] = list(meta.get("tokenizer.ggml.token_type") or [_NORMAL] * len(tokens))
-
-    proto = sp_pb2.ModelProto()
-    for token, score, kind in zip(tokens, scores, types):
-        piece = proto.pieces.add()
-        piece.piece = token
-        piece.score = float(score)
-        piece.type = kind if kind in (_NORMAL, _UNKNOWN, _CONTROL, _USER_DEFINED, _UNUSED, _BYTE) else _NORMAL
-    trainer = proto.trainer_spec
-    trainer.model_type = sp_pb2.TrainerSpec.BPE
-    trainer.vocab_size = len(tokens)
-    trainer.byte_fallback = _BYTE in types
-    for field, name in (("unk_id", "unknown"), ("bos_id", "bos"), ("eos_id", "eos"), ("pad_id", "padding")):
-        token_id = _token_id(meta, name)
-        setattr(trainer, field, -1 if token_id is None else token_id)
-    for field, token_id in (("unk_piece", _token_id(meta, "unknown")), ("bos_piece", _token_id(meta, "bos")),
-                            ("eos_piece", _token_id(meta, "eos")), ("pad_piece", _token_id(meta, "padding"))):
-        if token_id is not None:
-            setattr(trainer, field, tokens[token_id])
-    normalizer = proto.normalizer_spec
-    normalizer.name = "identity"
-    normalizer.add_dummy_prefix = bool(meta.get("tokenizer.ggml.add_space_prefix", True))
-    normalizer.remove_extra_whitespaces = bool(meta.get("tokenizer.ggml.remove_extra_whitespaces", False))
-    normalizer.escape_whitespaces = True
-    data = proto.SerializeToString()
-    try:
-        SentencePieceProcessor(model_proto=data)
-    except Exception as exc:
-        raise TokenizerError(f"the SentencePiece model built from the GGUF vocabulary does not load: {exc}") from exc
-    (out / "tokenizer.model").write_bytes(data)
-
-
-def _write_tokenizer(meta: dict, out: Path, config: dict) -> None:
-    model = meta.get("tokenizer.ggml.model")
-    if not meta.get("tokenizer.ggml.tokens"):
-        raise TokenizerError("GGUF file has no vocabulary (tokenizer.ggml.tokens)")
-    tokens = meta["tokenizer.ggml.tokens"]
-    if model == "gpt2":
-        pre_name = meta.get("tokenizer.ggml.pre") or "default"
-        if pre_name not in _PRE_TOKENIZERS:
-            raise TokenizerError(f"unsupported GGUF pre-tokenizer {pre_name!r} (tokenizer.ggml.pre); "
-                                 f"supported: {', '.join(sorted(_PRE_TOKENIZERS))}")
-        pre = _PRE_TOKENIZERS[pre_name]
-        add_bos = bool(meta.get("tokenizer.ggml.add_bos_token", pre.add_bos))
-        _write_bpe_tokenizer(meta, out, pre, add_bos)
-        tokenizer_class = "PreTrainedTokenizerFast"
-    elif model == "llama":
-        add_bos = bool(meta.get("tokenizer.ggml.add_bos_token", True))
-        _write_sentencepiece_tokenizer(meta, out)
-        tokenizer_class = "LlamaTokenizer"
-    else:
-        raise TokenizerError(f"unsupported GGUF tokenizer model {model!r} (supported: gpt2, llama)")
-
-    def token(name: str) -> str | None:
-        token_id = _token_id(meta, name)
-        return tokens[token_id] if token_id is not None and 0 <= token_id < len(tokens) else None
-
-    tokenizer_config: dict[str, Any] = {
-        "tokenizer_class": tokenizer_class,
-        "bos_token": token("bos"),
-        "eos_token": token("eos"),
-        "unk_token": token("unknown"),
-        "pad_token": token("padding"),
-        "add_bos_token": add_bos,
-        "add_eos_token": bool(meta.get("tokenizer.ggml.add_eos_token", False)),
-        "clean_up_tokenization_spaces": False,
-        "model_max_length": config["max_position_embeddings"],
-    }
-    if model == "llama":
-        tokenizer_config["legacy"] = False
-        tokenizer_config["add_prefix_space"] = bool(meta.get("tokenizer.ggml.add_space_prefix", True))
-    if (template := meta.get("tokenizer.chat_template")) is not None:
-        tokenizer_config["chat_template"] = template
-    tokenizer_config = {k: v for k, v in tokenizer_config.items() if v is not None}
-    (out / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2, ensure_ascii=False) + "\n",
-                                               encoding="utf-8")
-    special = {k: tokenizer_config[k] for k in ("bos_token", "eos_token", "unk_token", "pad_token") if k in tokenizer_config}
-    (out / "special_tokens_map.json").write_text(json.dumps(special, indent=2, ensure_ascii=False) + "\n",
-                                                 encoding="utf-8")
-
-
-# ---------------------------------------------------------------------------------------------
 # Public API
 
 
@@ -594,7 +352,7 @@ def convert_gguf(src: str | Path, out_dir: str | Path, dtype: str = "bfloat16",
     if out.exists() and not out.is_dir():
         raise InputError(f"output path exists and is not a folder: {out}")
     out.mkdir(parents=True, exist_ok=True)
-    _write_tokenizer(meta, out, config)
+    write_tokenizer(meta, out, config)
     _write_weights(reader, config, out, dtype, progress)
     (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     (out / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")

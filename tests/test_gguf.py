@@ -224,7 +224,7 @@ def byte_level_tokenizer(pre: str):
     """A tiny byte-level BPE trained with `tokenizers`, with the pre-tokenizer llama.cpp's `pre` names."""
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 
-    from llamacli.gguf import _LLAMA3_SPLIT
+    from llamacli.gguf_vocab import _LLAMA3_SPLIT
 
     tok = Tokenizer(models.BPE())
     byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False)
