@@ -5,8 +5,7 @@
 
 import sys
 
-from llamacli.generation import Engine, Finished, Request
-from llamacli.sampling import SamplingParams
+from llamacli.generation import Engine, Finished, Request, SamplingParams
 
 
 def main() -> None:
