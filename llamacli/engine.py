@@ -17,6 +17,7 @@ import torch
 from llamacli.errors import ContextOverflowError, UsageError
 from llamacli.kv_cache import KVCache
 from llamacli.model import Llama
+from llamacli.prompts import Conversation
 from llamacli.request import Finished, Request, SamplingParams, Stats, TextEvent, TokenEvent  # noqa: F401
 from llamacli.sampling import make_generator, sample
 
@@ -219,25 +220,28 @@ class ChatSession:
 
     def __init__(self, engine: Engine, system: str | None = None, max_context: int | None = None):
         self.engine = engine
-        self.system = system
-        self.messages: list[dict] = []
+        self.conversation = Conversation(system)  # the history; front ends apply their policy to it
         self.n_positions = min(max_context or engine.config.context_length, engine.config.context_length)
         self.cache: KVCache | None = None
         self.cached_ids: list[int] = []  # ids whose keys/values are in the cache, in order
 
+    @property
+    def messages(self) -> list[dict]:
+        """The finished turns as user/assistant messages (without the system message)."""
+        return Conversation(turns=self.conversation.turns).messages()
+
     def reset(self) -> None:
         """Forget the conversation and the cache contents."""
-        self.messages = []
+        self.conversation.reset()
         self.cached_ids = []
 
     def set_system(self, system: str | None) -> None:
         """Change the system message (the next turn re-prefills from where the prompt differs)."""
-        self.system = system
+        self.conversation.system = system
 
     def prompt_ids(self, user_text: str) -> list[int]:
         """Ids of the whole conversation plus a new user turn, ready for the assistant's reply."""
-        msgs = ([{"role": "system", "content": self.system}] if self.system else []) + self.messages
-        return self.engine.chat_ids(msgs + [{"role": "user", "content": user_text}])
+        return self.engine.chat_ids(self.conversation.messages(user_text))
 
     def turn(self, user_text: str, request: Request = Request()) -> Iterator[TextEvent | Finished]:
         """Add a user message and stream the assistant's reply; the reply joins the history when done."""
@@ -262,8 +266,7 @@ class ChatSession:
         for event in self.engine.stream(ids, request, cache=self.cache, start_pos=common):
             if isinstance(event, Finished):
                 # Recorded before Finished is handed out, so a caller that stops reading there loses nothing.
-                self.messages.append({"role": "user", "content": user_text})
-                self.messages.append({"role": "assistant", "content": event.text})
+                self.conversation.record(user_text, event.text)
                 # The last sampled token was never fed to the model, so its keys/values are not in the cache.
                 self.cached_ids = ids + event.token_ids[:-1]
             yield event
