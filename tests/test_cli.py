@@ -126,6 +126,10 @@ def test_system_message_goes_through_the_template(tiny_chat_dir, engine):
     assert empty["prompt_token_ids"] == engine.chat_ids(user(PROMPT))
     raw = gen_json(tiny_chat_dir, "--raw", "--system", "", "--prompt", PROMPT, "-n", "3")
     assert raw["prompt_token_ids"] == engine.raw_ids(PROMPT)
+    batch = invoke("generate", "--model", tiny_chat_dir, "--prompts-file", "-", "--raw", "--system", "", "-n", "2",
+                   input=PROMPT + "\n")
+    assert batch.exit_code == 0, batch.stderr
+    assert json.loads(batch.stdout)["prompt_tokens"] == len(engine.raw_ids(PROMPT))
 
 
 def test_prompt_from_file_and_from_stdin(tiny_chat_dir, tmp_path):

@@ -83,8 +83,9 @@ def generate(
         request = Request(max_new_tokens=max_new_tokens or default_max_new_tokens(gen), sampling=sampling,
                           seed=seed, stop=tuple(stop or ()), ignore_eos=ignore_eos, logprobs=logprobs)
         if prepared is not None:
-            run_batch_mode(engine, prepared, request, output=output, batch_size=batch_size, raw=raw, system=system,
-                           cap_to_context=max_new_tokens is None)
+            # `--system ""` is no system message, as in llamacli.prompts (batch reads None as "none").
+            run_batch_mode(engine, prepared, request, output=output, batch_size=batch_size, raw=raw,
+                           system=system or None, cap_to_context=max_new_tokens is None)
             return
         if not raw and engine.chat_template is None:
             raise TokenizerError("this model has no chat template: pass --raw to send the prompt as it is, "
