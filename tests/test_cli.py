@@ -121,6 +121,15 @@ def test_system_message_goes_through_the_template(tiny_chat_dir, engine):
     assert out["prompt_token_ids"] == engine.chat_ids(user(PROMPT, system="Be brief."))
     bad = invoke("generate", "--model", tiny_chat_dir, "--raw", "--system", "x", "--prompt", PROMPT)
     one_error_line(bad, 2, "--system")
+    # An empty system message is no system message (the rule of llamacli.prompts), raw or templated.
+    empty = gen_json(tiny_chat_dir, "--system", "", "--prompt", PROMPT, "-n", "3")
+    assert empty["prompt_token_ids"] == engine.chat_ids(user(PROMPT))
+    raw = gen_json(tiny_chat_dir, "--raw", "--system", "", "--prompt", PROMPT, "-n", "3")
+    assert raw["prompt_token_ids"] == engine.raw_ids(PROMPT)
+    batch = invoke("generate", "--model", tiny_chat_dir, "--prompts-file", "-", "--raw", "--system", "", "-n", "2",
+                   input=PROMPT + "\n")
+    assert batch.exit_code == 0, batch.stderr
+    assert json.loads(batch.stdout)["prompt_tokens"] == len(engine.raw_ids(PROMPT))
 
 
 def test_prompt_from_file_and_from_stdin(tiny_chat_dir, tmp_path):
@@ -149,27 +158,34 @@ def test_missing_prompt_file_is_a_runtime_error(tiny_chat_dir, tmp_path):
                    "none.txt: no such file")
 
 
-def test_batch_mode_reaches_the_batch_entry_point(tiny_chat_dir, tmp_path, monkeypatch):
-    """--prompts-file hands over to cli._generate_batch (issue 5) with the loaded engine and the Request."""
-    import llamacli.cli as cli
+def test_batch_mode_runs_every_row_with_the_generate_options(tiny_chat_dir, tmp_path, engine, monkeypatch):
+    """--prompts-file hands the loaded engine, the batch size and the Request the options make to batch mode:
+    each row written equals a single run of its prompt with that Request; --resume skips the rows done."""
+    batch_sizes = []
+    real = Engine.stream_batch
 
-    seen = {}
+    def stream_batch(self, items, batch_size=8):
+        batch_sizes.append(batch_size)
+        return real(self, items, batch_size)
 
-    def fake(engine, **kwargs):
-        seen.update(kwargs, engine=engine)
-
-    monkeypatch.setattr(cli, "_generate_batch", fake)
+    monkeypatch.setattr(Engine, "stream_batch", stream_batch)
+    texts = {"a": "hi", "b": "Hello world", "c": "How are you today?"}
     prompts = tmp_path / "in.jsonl"
-    prompts.write_text('{"prompt": "hi"}\n')
-    result = invoke("generate", "--model", tiny_chat_dir, "--prompts-file", prompts, "--output", tmp_path / "o",
+    prompts.write_text("".join(json.dumps({"id": k, "prompt": v}) + "\n" for k, v in texts.items()))
+    out = tmp_path / "o"
+    out.write_text('{"id": "a", "text": "", "token_ids": []}\n')  # already done: --resume skips it
+    result = invoke("generate", "--model", tiny_chat_dir, "--prompts-file", prompts, "--output", out,
                     "--batch-size", "3", "--resume", "--temperature", "0.5", "--seed", "7", "--stop", "x",
                     "-n", "5", "--raw")
     assert result.exit_code == 0, result.stderr
-    assert seen["prompts_file"] == prompts and seen["output"] == tmp_path / "o"
-    assert seen["batch_size"] == 3 and seen["resume"] is True and seen["raw"] is True
-    req = seen["request"]
-    assert (req.max_new_tokens, req.seed, req.stop, req.sampling.temperature) == (5, 7, ("x",), 0.5)
-    assert isinstance(seen["engine"], Engine)
+    assert result.stdout == "" and "(2 ok, 0 failed), 1 skipped" in result.stderr
+    assert batch_sizes == [3]
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["id"] for r in rows[:1]] == ["a"] and sorted(r["id"] for r in rows[1:]) == ["b", "c"]
+    request = Request(max_new_tokens=5, sampling=SamplingParams(temperature=0.5), seed=7, stop=("x",))
+    for row in rows[1:]:
+        single = engine.generate(engine.raw_ids(texts[row["id"]]), request)
+        assert row["token_ids"] == single.token_ids and row["text"] == single.text
     assert invoke("generate", "--model", tiny_chat_dir, "--prompts-file", prompts,
                   "--batch-size", "0").exit_code == 2
 
@@ -750,7 +766,8 @@ print("TORCH-IMPORTED" if "torch" in sys.modules else "NO-TORCH", code, file=sys
 
 
 @pytest.mark.parametrize("args", [["--help"], ["generate", "--help"], ["chat", "--help"], ["inspect", "--help"],
-                                  ["perplexity", "--help"], ["tokenize", "--help"], ["convert", "--help"]])
+                                  ["perplexity", "--help"], ["tokenize", "--help"], ["convert", "--help"],
+                                  ["bench", "--help"]])
 def test_help_does_not_import_torch(args):
     proc = subprocess.run([sys.executable, "-c", HELP_PROBE, *args], capture_output=True, text=True, timeout=60)
     assert proc.stderr.strip().endswith("NO-TORCH 0"), proc.stderr

@@ -1,0 +1,63 @@
+"""`llamacli chat`: load a model and run the read-reply loop (`llamacli.cli.repl`) over its chat session."""
+
+from __future__ import annotations
+
+import sys
+from typing import Annotated, Optional
+
+import typer
+
+from llamacli.cli.app import (Device, DeviceOpt, Dtype, DtypeOpt, MaxNewOpt, MinPOpt, ModelOpt, RepPenaltyOpt,
+                              RevisionOpt, SeedOpt, StatsOpt, StopOpt, SystemOpt, TemperatureOpt, TemplateOpt,
+                              TokenizerOpt, TopKOpt, TopPOpt, app, check_sampling, errors, load_engine, note)
+from llamacli.cli.repl import ChatLoop
+from llamacli.errors import TokenizerError
+from llamacli.prompts import sampling_params
+
+
+@app.command()
+def chat(
+    model: ModelOpt,
+    system: SystemOpt = None,
+    temperature: TemperatureOpt = None,
+    top_k: TopKOpt = None,
+    top_p: TopPOpt = None,
+    min_p: MinPOpt = None,
+    repetition_penalty: RepPenaltyOpt = None,
+    seed: SeedOpt = None,
+    max_new_tokens: MaxNewOpt = None,
+    stop: StopOpt = None,
+    dtype: DtypeOpt = Dtype.auto,
+    device: DeviceOpt = Device.auto,
+    revision: RevisionOpt = None,
+    tokenizer: TokenizerOpt = None,
+    chat_template: TemplateOpt = None,
+    max_context: Annotated[Optional[int], typer.Option(
+        "--max-context", min=2, help="Positions kept for the conversation (default: the model's context).",
+        show_default=False)] = None,
+    stats: StatsOpt = False,
+    as_json: Annotated[bool, typer.Option(
+        "--json", help='One JSON object per turn: {"role", "content", "token_ids", "prompt_token_ids", '
+                       '"prefill_tokens", "finish_reason"}.')] = False,
+) -> None:
+    """Chat with the model; the KV cache is kept across turns.
+
+    With stdin not a terminal, each input line is one user turn and stdout carries only the replies, one per line.
+    """
+    with errors():
+        check_sampling(temperature, top_k, top_p, min_p, repetition_penalty)
+        from llamacli.generation import ChatSession
+
+        engine, folder, load_s = load_engine(model, revision, dtype, device, tokenizer, chat_template)
+        if engine.chat_template is None:
+            raise TokenizerError(f"{folder}: this model has no chat template; chat needs one "
+                                 "(pass --chat-template FILE, or use generate --raw)")
+        sampling = sampling_params(engine.config.generation, temperature, top_k, top_p, min_p, repetition_penalty)
+        session = ChatSession(engine, system=system, max_context=max_context)
+        loop = ChatLoop(engine, session, sampling, seed, max_new_tokens, tuple(stop or ()), as_json, stats)
+        interactive = sys.stdin.isatty()
+        if interactive:
+            note(f"loaded {model} in {load_s:.1f} s; /help for commands, /exit or Ctrl-D to quit")
+        failed = loop.run(interactive)
+    if failed:
+        raise typer.Exit(1)

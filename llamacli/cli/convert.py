@@ -1,0 +1,37 @@
+"""`llamacli convert`: a llama GGUF file into a Hugging Face checkpoint folder."""
+
+from __future__ import annotations
+
+from enum import Enum
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from llamacli.cli.app import app, errors, note, progress_bar
+
+
+class ConvertDtype(str, Enum):
+    """The dtypes `convert` can write (no `auto`: the file on disk needs one)."""
+
+    bfloat16 = "bfloat16"
+    float16 = "float16"
+    float32 = "float32"
+
+
+@app.command()
+def convert(
+    src: Annotated[Path, typer.Argument(help="The llama GGUF file to convert.", metavar="SRC.gguf",
+                                         show_default=False)],
+    out_dir: Annotated[Path, typer.Argument(help="Folder to write the Hugging Face checkpoint into.",
+                                            metavar="OUT_DIR", show_default=False)],
+    dtype: Annotated[ConvertDtype, typer.Option("--dtype", help="Dtype of the written weights.")] = (
+        ConvertDtype.bfloat16
+    ),
+) -> None:
+    """Convert a GGUF file (llama architecture) into a Hugging Face checkpoint folder."""
+    from llamacli.gguf import convert_gguf
+
+    with errors(), progress_bar("converting", show_item=True) as update:
+        out = convert_gguf(src, out_dir, dtype=dtype.value, progress=update)
+    note(f"wrote {out} ({dtype.value})")

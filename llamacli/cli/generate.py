@@ -1,0 +1,201 @@
+"""`llamacli generate`: one prompt streamed to stdout, or batch mode (`--prompts-file`) writing JSONL rows."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from llamacli.cli.app import (DeviceOpt, Device, Dtype, DtypeOpt, IgnoreEosOpt, MaxNewOpt, MinPOpt, ModelOpt,
+                              RepPenaltyOpt, RevisionOpt, SeedOpt, StatsOpt, StopOpt, SystemOpt, TemperatureOpt,
+                              TemplateOpt, TokenizerOpt, TopKOpt, TopPOpt, app, check_sampling, errors, load_engine,
+                              note, read_text_arg, stats_line, stderr, write)
+from llamacli.errors import TokenizerError, UsageError
+from llamacli.prompts import default_max_new_tokens, encode_prompt, sampling_params
+from llamacli.request import Finished, Request, TokenEvent
+
+_BATCH = "Batch"
+
+
+@app.command()
+def generate(
+    model: ModelOpt,
+    prompt: Annotated[Optional[str], typer.Option(
+        "--prompt", "-p", help="The prompt; '-' reads standard input.", show_default=False)] = None,
+    prompt_file: Annotated[Optional[Path], typer.Option(
+        "--prompt-file", "-f", help="Read the prompt from a file.", show_default=False)] = None,
+    system: SystemOpt = None,
+    raw: Annotated[bool, typer.Option(
+        "--raw", help="Send the prompt as it is, without the chat template (BOS added as the tokenizer does).")] = False,
+    temperature: TemperatureOpt = None,
+    top_k: TopKOpt = None,
+    top_p: TopPOpt = None,
+    min_p: MinPOpt = None,
+    repetition_penalty: RepPenaltyOpt = None,
+    seed: SeedOpt = None,
+    max_new_tokens: MaxNewOpt = None,
+    stop: StopOpt = None,
+    ignore_eos: IgnoreEosOpt = False,
+    dtype: DtypeOpt = Dtype.auto,
+    device: DeviceOpt = Device.auto,
+    revision: RevisionOpt = None,
+    tokenizer: TokenizerOpt = None,
+    chat_template: TemplateOpt = None,
+    stats: StatsOpt = False,
+    as_json: Annotated[bool, typer.Option(
+        "--json", help='Print one JSON object {"text", "token_ids", "prompt_token_ids", "finish_reason", '
+                       '"stats"} instead of streaming.')] = False,
+    logprobs: Annotated[bool, typer.Option(
+        "--logprobs", help='With --json: add "logprobs", one per generated token.')] = False,
+    prompts_file: Annotated[Optional[Path], typer.Option(
+        "--prompts-file", help="Batch mode: a JSONL file of prompts (or text, one prompt per line); '-' = stdin.",
+        show_default=False, rich_help_panel=_BATCH)] = None,
+    output: Annotated[Optional[Path], typer.Option(
+        "--output", "-o", help="Batch mode: the JSONL file to write (default: stdout).", show_default=False,
+        rich_help_panel=_BATCH)] = None,
+    batch_size: Annotated[int, typer.Option(
+        "--batch-size", min=1, help="Batch mode: prompts generated together.", rich_help_panel=_BATCH)] = 8,
+    resume: Annotated[bool, typer.Option(
+        "--resume", help="Batch mode: skip prompts already in --output.", rich_help_panel=_BATCH)] = False,
+) -> None:
+    """Generate text after a prompt, streamed to stdout (status and stats go to stderr)."""
+    with errors():
+        check_sampling(temperature, top_k, top_p, min_p, repetition_penalty)
+        if logprobs and not as_json and prompts_file is None:
+            raise UsageError("--logprobs needs --json (log-probabilities are part of the JSON output)")
+        if prompts_file is None:
+            if output is not None or resume:
+                raise UsageError("--output and --resume belong to batch mode: pass --prompts-file")
+            text = read_text_arg(prompt, prompt_file, "--prompt", "--prompt-file")
+            if raw and system:
+                raise UsageError("--system needs the chat template; it cannot be used with --raw")
+        elif prompt is not None or prompt_file is not None:
+            raise UsageError("pass either --prompts-file (batch) or --prompt / --prompt-file, not both")
+
+        # Batch mode reads its input and checks its output before the (slow) model load.
+        prepared = prepare_batch(prompts_file, output, resume) if prompts_file is not None else None
+        engine, _, load_s = load_engine(model, revision, dtype, device, tokenizer, chat_template)
+        gen = engine.config.generation
+        sampling = sampling_params(gen, temperature, top_k, top_p, min_p, repetition_penalty)
+        request = Request(max_new_tokens=max_new_tokens or default_max_new_tokens(gen), sampling=sampling,
+                          seed=seed, stop=tuple(stop or ()), ignore_eos=ignore_eos, logprobs=logprobs)
+        if prepared is not None:
+            # `--system ""` is no system message, as in llamacli.prompts (batch reads None as "none").
+            run_batch_mode(engine, prepared, request, output=output, batch_size=batch_size, raw=raw,
+                           system=system or None, cap_to_context=max_new_tokens is None)
+            return
+        if not raw and engine.chat_template is None:
+            raise TokenizerError("this model has no chat template: pass --raw to send the prompt as it is, "
+                                 "or --chat-template FILE")
+        ids = encode_prompt(engine.tokenizer, engine.chat_template, prompt=text, system=system, raw=raw)
+        if max_new_tokens is None:  # the default is capped to what the context has left after this prompt
+            room = engine.config.context_length - len(ids)
+            request = replace(request, max_new_tokens=default_max_new_tokens(gen, room))
+        stream_generation(engine, ids, request, as_json, stats, load_s)
+
+
+def stream_generation(engine, ids: list[int], request: Request, as_json: bool, show_stats: bool,
+                      load_s: float) -> None:
+    """Generate after ids: stream the text to stdout (or print one JSON object); Ctrl-C exits 130."""
+    finished = None
+    pieces: list[str] = []
+    tokens: list[int] = []
+    token_logprobs: list[float] = []
+    try:
+        for event in engine.stream(ids, request):
+            if isinstance(event, Finished):
+                finished = event
+                continue
+            if isinstance(event, TokenEvent):
+                tokens.append(event.token_id)
+                if event.logprob is not None:
+                    token_logprobs.append(event.logprob)
+            pieces.append(event.text)
+            if not as_json and event.text:
+                write(event.text)
+    except KeyboardInterrupt:
+        # Ctrl-C: keep what was produced (stdout), say so (stderr), exit 130 as shells expect.
+        if as_json:
+            obj = {"text": "".join(pieces), "token_ids": tokens, "prompt_token_ids": ids,
+                   "finish_reason": "interrupted"}
+            if request.logprobs:
+                obj["logprobs"] = token_logprobs
+            print(json.dumps(obj, ensure_ascii=False), flush=True)
+        else:
+            write("\n")
+        note(f"interrupted after {len(tokens)} tokens")
+        raise typer.Exit(130) from None
+    stats = finished.stats
+    if as_json:
+        obj = {"text": finished.text, "token_ids": finished.token_ids, "prompt_token_ids": ids,
+               "finish_reason": finished.reason, "stats": {**stats.as_dict(), "load_s": round(load_s, 6)}}
+        if request.logprobs:
+            obj["logprobs"] = finished.logprobs
+        print(json.dumps(obj, ensure_ascii=False), flush=True)
+    else:
+        write("\n")
+    if show_stats:
+        note(stats_line(stats, load_s) + f", finish {finished.reason}")
+
+
+# -- batch mode --------------------------------------------------------------------------------------------------
+
+
+def prepare_batch(prompts_file: Path, output: Optional[Path], resume: bool):
+    """Batch mode, before any model is loaded: read every input row and check the output can be written.
+
+    Returns (rows, done_ids, opener); an unreadable input or unwritable output raises InputError here.
+    """
+    from llamacli.batch import prepare_output, read_rows
+
+    rows = read_rows(prompts_file)
+    done_ids, opener = prepare_output("-" if output is None else output, resume)
+    return rows, done_ids, opener
+
+
+def run_batch_mode(engine, prepared, request: Request, *, output: Optional[Path], batch_size: int, raw: bool,
+                   system: Optional[str], cap_to_context: bool) -> None:
+    """One JSONL result per input row to --output (stdout by default), progress on stderr.
+
+    `request` carries the defaults (sampling, seed, stop strings, max_new_tokens, logprobs); with
+    `cap_to_context` (max_new_tokens not asked for) each row is capped to its context, as single generate does.
+    Exit code 1 when a row failed, 130 when interrupted (finished rows are kept: rerun with --resume).
+    """
+    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
+                               TimeRemainingColumn)
+
+    from llamacli.batch import BatchDefaults, run_batch
+
+    rows, done_ids, opener = prepared
+    defaults = BatchDefaults(request, raw=raw, system=system, cap_to_context=cap_to_context)
+    where = "stdout" if output is None or str(output) == "-" else str(output)
+    summary = None
+    with Progress(TextColumn("generating"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[tps]}"),
+                  TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(), console=stderr(),
+                  transient=True) as bar:
+        task = bar.add_task("", total=None, tps="")
+
+        def progress(s, result: dict) -> None:
+            if "error" in result:
+                bar.console.print(f"error: {result['error']} (id {result['id']!r})", markup=False,
+                                  highlight=False)
+            bar.update(task, completed=s.done, total=s.total, tps=f"{s.tokens_per_s:.1f} tok/s")
+            nonlocal summary
+            summary = s
+
+        try:
+            with opener() as out:
+                summary = run_batch(engine, rows, defaults, out, batch_size, done_ids, on_progress=progress)
+        except KeyboardInterrupt:
+            done = summary.done if summary is not None else 0
+            bar.stop()
+            note(f"interrupted: {done} rows written to {where}; run again with --resume to finish the rest")
+            raise typer.Exit(130) from None
+    skipped = f", {summary.skipped} skipped (already in the output)" if summary.skipped else ""
+    note(f"batch: {summary.done} rows written to {where} ({summary.ok} ok, {summary.failed} failed){skipped}; "
+         f"{summary.generated_tokens} tokens in {summary.elapsed_s:.1f} s ({summary.tokens_per_s:.1f} tok/s)")
+    if summary.failed:
+        raise typer.Exit(1)
