@@ -365,7 +365,7 @@ def test_a_request_that_cannot_fit_the_rows_is_refused_at_add(engine):
 
     sched = Scheduler(engine, max_rows=2, max_positions=20)
     with pytest.raises(ContextOverflowError, match=r"prompt \(15 tokens\) \+ max-new-tokens \(10\) = 25 exceeds "
-                                                    r"the positions each batch row holds of 20"):
+                                                    r"a batch row's context of 20"):
         sched.add([5] * 15, Request(max_new_tokens=10))
     with pytest.raises(ContextOverflowError, match="the model's context of 128"):
         Scheduler(engine, max_rows=1).add([5] * 120, Request(max_new_tokens=10))

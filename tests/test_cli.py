@@ -607,7 +607,7 @@ def test_a_message_longer_than_the_context_fails_that_turn_only(tiny_chat_dir):
     turns, result = chat_json(tiny_chat_dir, lines, "-n", "4", "--max-context", "64")
     assert result.exit_code == 1
     assert [t["finish_reason"] for t in turns][1] == "error" and len(turns) == 3
-    assert turns[2]["token_ids"] and "over the context of 64" in turns[1]["error"]
+    assert turns[2]["token_ids"] and "exceeds the conversation's context of 64 tokens" in turns[1]["error"]
     assert "error: " in result.stderr and "Traceback" not in result.stderr
     plain = invoke("chat", "--model", tiny_chat_dir, "-n", "4", "--max-context", "64",
                    input="\n".join(lines) + "\n")

@@ -135,7 +135,7 @@ def test_chat_session_overflow_names_the_numbers(smol):
     from llamacli.generation import ChatSession
 
     chat = ChatSession(smol, max_context=40)
-    with pytest.raises(ContextOverflowError, match=r"exceeds the positions this conversation keeps of 40 tokens"):
+    with pytest.raises(ContextOverflowError, match=r"exceeds the conversation's context of 40 tokens"):
         list(chat.turn("Tell me a long story about a dragon.", Request(max_new_tokens=32)))
 
 

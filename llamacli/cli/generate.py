@@ -64,14 +64,14 @@ def generate(
     """Generate text after a prompt, streamed to stdout (status and stats go to stderr)."""
     with errors():
         check_sampling(temperature, top_k, top_p, min_p, repetition_penalty)
+        if raw and system:
+            raise UsageError("--system needs the chat template; it cannot be used with --raw")
         if logprobs and not as_json and prompts_file is None:
             raise UsageError("--logprobs needs --json (log-probabilities are part of the JSON output)")
         if prompts_file is None:
             if output is not None or resume:
                 raise UsageError("--output and --resume belong to batch mode: pass --prompts-file")
             text = read_text_arg(prompt, prompt_file, "--prompt", "--prompt-file")
-            if raw and system:
-                raise UsageError("--system needs the chat template; it cannot be used with --raw")
         elif prompt is not None or prompt_file is not None:
             raise UsageError("pass either --prompts-file (batch) or --prompt / --prompt-file, not both")
 

@@ -53,7 +53,7 @@ class ChatSession:
         what to drop (`conversation.drop_oldest()`) or to `reset()`.
         """
         ids = self.prompt_ids(user_text)
-        prompts.check_fits(len(ids), request.max_new_tokens, self.n_positions, "the positions this conversation keeps")
+        prompts.check_fits(len(ids), request.max_new_tokens, self.n_positions, "the conversation's context")
         if self.cache is None:
             self.cache = self.engine.new_cache(self.n_positions)
         common = 0

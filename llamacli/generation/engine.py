@@ -89,7 +89,7 @@ class Engine:
             self.check_fits(n_prompt, request.max_new_tokens)
             cache = self.new_cache(n_prompt + request.max_new_tokens)
         else:
-            prompts.check_fits(n_prompt, request.max_new_tokens, cache.max_seq_len, "the positions the cache holds")
+            prompts.check_fits(n_prompt, request.max_new_tokens, cache.max_seq_len, "the cache's context")
         if not 0 <= start_pos < n_prompt:
             raise ValueError(f"start_pos {start_pos} must be inside the prompt (0..{n_prompt - 1})")
         seq = self.sequence(prompt_ids, request, prefill_tokens=n_prompt - start_pos)

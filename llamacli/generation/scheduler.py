@@ -101,7 +101,7 @@ class Scheduler:
         """Queue a request; return its id. ContextOverflowError now if it can never fit the cache's positions."""
         prompts.check_fits(len(prompt_ids), request.max_new_tokens, self.engine.config.context_length)
         prompts.check_fits(len(prompt_ids), request.max_new_tokens, self.max_positions,
-                           "the positions each batch row holds")
+                           "a batch row's context")
         prefix_ids, _ = self._prefix
         n = len(prefix_ids)
         prefix = n if n and len(prompt_ids) > n and prompt_ids[:n] == prefix_ids else 0
