@@ -14,15 +14,14 @@ Prompts: a `prompt` goes through the chat template as a user message (after `sys
 generator, so it draws what a single-prompt run with that seed draws, whatever its batch mates (its tokens can
 differ only where batched float sums round differently at a near-tie).
 
-Output: `{"id", "text", "token_ids", "prompt_tokens", "finish_reason"}` (+ `"logprobs"`), written and flushed as
-each row finishes, or `{"id", "error"}` naming the input line and the problem. With `resume`, ids that already
-have a result in the output file are skipped (rows that had an `"error"` are tried again) and new rows are
-appended. No typer or rich here: the CLI draws the progress from `on_progress`.
+Output: `{"id", "text", "token_ids", "prompt_tokens", "finish_reason", "prompt_hash"}` (+ `"logprobs"`), written
+and flushed as each row finishes, or `{"id", "error"}` naming the input line and the problem. Which output file a
+run may write, and what `resume` skips, is `llamacli.batch_output`'s job (rows are keyed by id and prompt hash).
+No typer or rich here: the CLI draws the progress from `on_progress`.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import sys
 import time
@@ -31,6 +30,7 @@ from pathlib import Path
 from typing import Callable, Iterator, TextIO
 
 from llamacli import prompts
+from llamacli.batch_output import prepare_output, prompt_hash, rows_to_run  # noqa: F401  (prepare_output: API)
 from llamacli.errors import InputError, LlamaCliError, UsageError
 from llamacli.request import Request, SamplingParams, check_seed
 
@@ -248,69 +248,7 @@ def _check_duplicate(row: Row, first_line: dict) -> None:
         first_line[key] = row.where
 
 
-# -- the output file ---------------------------------------------------------------------------------------------
-
-
-def prepare_output(path: str | Path, resume: bool = False) -> tuple[set, Callable[[], contextlib.AbstractContextManager]]:
-    """Check the output can be written (InputError if not) and, with resume, read the ids already done.
-
-    Returns (done_ids, opener): `opener()` is a context manager giving the text stream to write rows to
-    (stdout for '-'; the file truncated, or appended to with resume). Call this before loading a model.
-    """
-    if str(path) == "-":
-        if resume:
-            raise UsageError("--resume needs an --output file (it reads the ids already written there)")
-
-        @contextlib.contextmanager
-        def stdout() -> Iterator[TextIO]:
-            yield sys.stdout
-
-        return set(), stdout
-    p = Path(path)
-    if p.is_dir():
-        raise InputError(f"output path is a directory: {p}")
-    if not p.parent.is_dir():
-        raise InputError(f"cannot write output {p}: folder {p.parent} does not exist")
-    existed = p.exists()
-    try:
-        with open(p, "a", encoding="utf-8"):
-            pass
-    except OSError as exc:
-        raise InputError(f"cannot write output {p}: {exc.strerror or exc}") from None
-    if not existed:
-        p.unlink()  # only a check: nothing is created until the run starts
-    done: set = set()
-    keep = 0  # with resume: bytes to keep (a line cut short by an interruption is dropped)
-    if resume and existed:
-        try:
-            data = p.read_bytes()
-        except OSError as exc:
-            raise InputError(f"cannot read output {p} to resume: {exc.strerror or exc}") from None
-        keep = data.rfind(b"\n") + 1
-        for n, line in enumerate(data[:keep].splitlines(), start=1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except (json.JSONDecodeError, UnicodeDecodeError):
-                raise InputError(f"cannot resume: line {n} of {p} is not a JSON row") from None
-            if isinstance(obj, dict) and isinstance(obj.get("id"), (str, int)) and "error" not in obj:
-                done.add(_id_key(obj["id"]))
-
-    @contextlib.contextmanager
-    def opener() -> Iterator[TextIO]:
-        if resume and existed:
-            with open(p, "r+b") as f:  # drop a partial last line before appending
-                f.truncate(keep)
-        with open(p, "a" if resume else "w", encoding="utf-8") as f:
-            yield f
-
-    return done, opener
-
-
-def _id_key(rid):
-    """Ids compare with their JSON type: the string "3" and the line number 3 are different ids."""
-    return (type(rid).__name__, rid)
+# -- the output file: llamacli.batch_output (prepare_output, the resume keys) --------------------------------------
 
 
 # -- running -----------------------------------------------------------------------------------------------------
@@ -349,17 +287,20 @@ def iter_results(engine, rows: list[Row], defaults: BatchDefaults, batch_size: i
 
 
 def run_batch(engine, rows: list[Row], defaults: BatchDefaults, out: TextIO, batch_size: int = 8,
-              done_ids: set | None = None, on_progress: Callable[[BatchSummary, dict], None] | None = None
+              done_ids: dict | None = None, on_progress: Callable[[BatchSummary, dict], None] | None = None
               ) -> BatchSummary:
-    """Generate for every row not in done_ids, writing one JSON line per row to `out` as each finishes.
+    """Generate for every row without a result in done_ids, writing one JSON line per row to `out` as each
+    finishes, with the row's `prompt_hash` (see llamacli.batch_output for what resume counts as done).
 
-    `on_progress(summary, result)` is called after each row is written.
+    `done_ids` maps id keys to prompt hashes, as `prepare_output` reads them; `on_progress(summary, result)` is
+    called after each row is written.
     """
-    done_ids = done_ids or set()
-    todo = [row for row in rows if row.error is not None or _id_key(row.id) not in done_ids]
+    todo = rows_to_run(rows, done_ids or {})
     summary = BatchSummary(total=len(todo), skipped=len(rows) - len(todo))
     t0 = time.perf_counter()
-    for _, result in iter_results(engine, todo, defaults, batch_size):
+    for row, result in iter_results(engine, todo, defaults, batch_size):
+        if (h := prompt_hash(row)) is not None:
+            result = {**result, "prompt_hash": h}
         out.write(json.dumps(result, ensure_ascii=False) + "\n")
         out.flush()
         if "error" in result:

@@ -17,14 +17,12 @@ import hashlib
 import json
 import math
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 
-from llamacli import layout
+from llamacli import files, layout
 from llamacli.config import LlamaConfig
 from llamacli.errors import ConfigError, InputError, UsageError, WeightsError
 from llamacli.gguf_vocab import special_id, write_tokenizer
@@ -302,13 +300,13 @@ def _write_weights(reader, config: dict, out: Path, dtype: str, progress: Progre
     metadata = {"format": "pt"}
     if len(shards) == 1:
         save_file(shards[0], str(out / "model.safetensors"), metadata=metadata)
-        _make_readable(out / "model.safetensors")
+        files.make_readable(out / "model.safetensors")
         return
     weight_map, total_size = {}, 0
     for index, shard in enumerate(shards, 1):
         file = f"model-{index:05d}-of-{len(shards):05d}.safetensors"
         save_file(shard, str(out / file), metadata=metadata)
-        _make_readable(out / file)
+        files.make_readable(out / file)  # safetensors writes 0600
         for name, weight in shard.items():
             weight_map[name] = file
             total_size += weight.numel() * weight.element_size()
@@ -316,31 +314,24 @@ def _write_weights(reader, config: dict, out: Path, dtype: str, progress: Progre
     (out / "model.safetensors.index.json").write_text(json.dumps(index_json, indent=2) + "\n")
 
 
-def _make_readable(path: Path) -> None:
-    """safetensors writes 0600 files; give them the permissions the other files get (0666 less the umask)."""
-    umask = 0o022
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("Umask:"):
-                umask = int(line.split()[1], 8)
-    except OSError:
-        pass
-    path.chmod(0o666 & ~umask)
-
-
 # ---------------------------------------------------------------------------------------------
 # Public API
 
 
 def convert_gguf(src: str | Path, out_dir: str | Path, dtype: str = "bfloat16",
-                 progress: ProgressFn | None = None) -> Path:
+                 progress: ProgressFn | None = None, overwrite: bool = False) -> Path:
     """Convert a llama GGUF file into a Hugging Face checkpoint folder; returns the folder.
 
-    `progress(done, total, tensor_name)` is called after each tensor.
+    The folder is built beside `out_dir` and renamed into place when complete (`files.new_folder`): a failure
+    leaves no half-written checkpoint, and an existing non-empty `out_dir` is refused unless `overwrite` (then
+    replaced whole, never mixed with its old files). `progress(done, total, tensor_name)` is called per tensor.
     """
     if dtype not in DTYPES:
         raise UsageError(f"unsupported dtype {dtype!r} (choose one of {', '.join(DTYPES)})")
     src, out = Path(src), Path(out_dir)
+    files.check_new_folder(out, overwrite)  # before the slow part
+    if overwrite and out.is_dir() and Path(os.path.realpath(src)).is_relative_to(os.path.realpath(out)):
+        raise UsageError(f"{src} is inside {out}: --overwrite would delete the file being converted")
     reader = _open(src)
     meta = _metadata(reader)
     arch = meta.get("general.architecture")
@@ -349,13 +340,11 @@ def convert_gguf(src: str | Path, out_dir: str | Path, dtype: str = "bfloat16",
     tensor_names = {t.name for t in reader.tensors}
     config, generation = _build_config(meta, reader, tensor_names, dtype)
 
-    if out.exists() and not out.is_dir():
-        raise InputError(f"output path exists and is not a folder: {out}")
-    out.mkdir(parents=True, exist_ok=True)
-    write_tokenizer(meta, out, config)
-    _write_weights(reader, config, out, dtype, progress)
-    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    (out / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
+    with files.new_folder(out, overwrite) as tmp:
+        write_tokenizer(meta, tmp, config)
+        _write_weights(reader, config, tmp, dtype, progress)
+        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        (tmp / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
     return out
 
 
@@ -381,15 +370,11 @@ def cached_conversion(src: str | Path, dtype: str = "bfloat16", cache_root: Path
     target = root / f"{path.stem}-{dtype}-{digest}"
     if (target / "config.json").is_file():
         return target
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=root))
+    # Conversions appear whole (files.new_folder); a folder without config.json is debris from an older llamacli.
+    stale = target.is_dir() and not files.is_empty_folder(target)
     try:
-        convert_gguf(path, tmp, dtype=dtype, progress=progress)
-        try:
-            os.rename(tmp, target)
-        except OSError:
-            if not (target / "config.json").is_file():  # not a concurrent conversion that finished first
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        convert_gguf(path, target, dtype=dtype, progress=progress, overwrite=stale)
+    except files.NotEmptyError:
+        if not (target / "config.json").is_file():  # not a concurrent conversion that finished first
+            raise
     return target

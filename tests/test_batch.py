@@ -456,7 +456,7 @@ def test_unreadable_input_and_unwritable_output_are_input_errors(tmp_path):
     with pytest.raises(UsageError, match="--resume needs an --output file"):
         prepare_output("-", resume=True)
     done, _ = prepare_output(tmp_path / "new.jsonl")
-    assert done == set() and not (tmp_path / "new.jsonl").exists()  # checking creates nothing
+    assert done == {} and not (tmp_path / "new.jsonl").exists()  # checking creates nothing
 
 
 def test_bad_defaults_are_refused_before_any_model():
@@ -478,9 +478,10 @@ def test_defaults_from_flat_options_build_the_engine_request():
 # -- running rows --------------------------------------------------------------------------------------------
 
 
-def run_file(engine, src: Path, out: Path, defaults=BatchDefaults.of(max_new_tokens=8), batch_size=3, resume=False):
+def run_file(engine, src: Path, out: Path, defaults=BatchDefaults.of(max_new_tokens=8), batch_size=3, resume=False,
+             overwrite=False):
     rows = read_rows(src)
-    done, opener = prepare_output(out, resume)
+    done, opener = prepare_output(out, resume, rows=rows, overwrite=overwrite, source=src)
     seen = []
     with opener() as f:
         summary = run_batch(engine, rows, defaults, f, batch_size, done, on_progress=lambda s, r: seen.append(
@@ -505,7 +506,7 @@ def test_run_batch_outputs_every_row_and_names_bad_ones(engine, tmp_path):
     assert by_id[3]["error"].startswith("line 3: prompt (") and "exceeds the model's context of 128" in by_id[3]["error"]
     assert by_id["hot"]["error"] == "line 4: temperature must be >= 0, got -2"
     assert by_id[6]["error"].startswith("line 6: malformed JSON")
-    assert set(by_id["chat"]) == {"id", "text", "token_ids", "prompt_tokens", "finish_reason"}
+    assert set(by_id["chat"]) == {"id", "text", "token_ids", "prompt_tokens", "finish_reason", "prompt_hash"}
     # Each row equals its single-prompt run with the same settings.
     cases = {"chat": ([{"role": "user", "content": "Hello world"}], Request(max_new_tokens=8)),
              "msgs": ([{"role": "user", "content": "How are you today?"}], Request(max_new_tokens=5)),
@@ -555,8 +556,8 @@ def test_resume_skips_finished_ids_and_retries_failed_ones(engine, tmp_path):
     out.write_text(json.dumps(expected["r1"]) + "\n" + json.dumps(expected["r4"]) + "\n"
                    + json.dumps({"id": "r2", "error": "line 3: something transient"}) + "\n"
                    + json.dumps(expected["r0"])[:25], encoding="utf-8")
-    done, _ = prepare_output(out, resume=True)
-    assert done == {("str", "r1"), ("str", "r4")}
+    done, _ = prepare_output(out, resume=True, rows=read_rows(src))
+    assert set(done) == {("str", "r1"), ("str", "r4")}
     summary, results = run_file(engine, src, out, resume=True)
     assert summary.skipped == 2 and summary.ok == 4 and summary.failed == 0
     ok = [r for r in results if "error" not in r]
@@ -565,8 +566,10 @@ def test_resume_skips_finished_ids_and_retries_failed_ones(engine, tmp_path):
     # Resuming a complete output does nothing.
     summary, again = run_file(engine, src, out, resume=True)
     assert summary.total == 0 and summary.skipped == 6 and again == results
-    # Without --resume the output is rewritten.
-    summary, fresh = run_file(engine, src, out)
+    # Without --resume the output is replaced, with --overwrite only.
+    with pytest.raises(UsageError, match="already holds results"):
+        run_file(engine, src, out)
+    summary, fresh = run_file(engine, src, out, overwrite=True)
     assert summary.ok == 6 and len(fresh) == 6
 
 

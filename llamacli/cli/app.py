@@ -181,6 +181,31 @@ def progress_bar(label: str, show_item: bool = False) -> Iterator[Callable[..., 
         yield update
 
 
+@contextlib.contextmanager
+def stop_on_interrupt() -> Iterator[None]:
+    """Inside: the first Ctrl-C raises KeyboardInterrupt as usual; any later one is ignored, since the command is
+    already stopping (a second Ctrl-C would break its cleanup, or torch's exit handlers with a traceback)."""
+    import signal
+
+    fired = []
+
+    def first(signum, frame):
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        fired.append(signum)
+        raise KeyboardInterrupt
+
+    try:
+        previous = signal.signal(signal.SIGINT, first)
+    except ValueError:  # not the main thread: signals are not ours to handle
+        yield
+        return
+    try:
+        yield
+    finally:
+        if not fired:  # no Ctrl-C came (or a KeyboardInterrupt raised in code): as before
+            signal.signal(signal.SIGINT, previous)
+
+
 # -- inputs and models -------------------------------------------------------------------------------------------
 
 

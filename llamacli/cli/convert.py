@@ -23,15 +23,19 @@ class ConvertDtype(str, Enum):
 def convert(
     src: Annotated[Path, typer.Argument(help="The llama GGUF file to convert.", metavar="SRC.gguf",
                                          show_default=False)],
-    out_dir: Annotated[Path, typer.Argument(help="Folder to write the Hugging Face checkpoint into.",
-                                            metavar="OUT_DIR", show_default=False)],
+    out_dir: Annotated[Path, typer.Argument(
+        help="Folder to write the Hugging Face checkpoint into: new or empty (see --overwrite). It appears "
+             "complete at the end; a failed conversion leaves nothing there.", metavar="OUT_DIR",
+        show_default=False)],
     dtype: Annotated[ConvertDtype, typer.Option("--dtype", help="Dtype of the written weights.")] = (
         ConvertDtype.bfloat16
     ),
+    overwrite: Annotated[bool, typer.Option(
+        "--overwrite", help="Replace a non-empty OUT_DIR as a whole (only once the new checkpoint is complete).")] = False,
 ) -> None:
     """Convert a GGUF file (llama architecture) into a Hugging Face checkpoint folder."""
     from llamacli.gguf import convert_gguf
 
     with errors(), progress_bar("converting", show_item=True) as update:
-        out = convert_gguf(src, out_dir, dtype=dtype.value, progress=update)
+        out = convert_gguf(src, out_dir, dtype=dtype.value, progress=update, overwrite=overwrite)
     note(f"wrote {out} ({dtype.value})")

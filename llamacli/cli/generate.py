@@ -12,7 +12,7 @@ import typer
 from llamacli.cli.app import (DeviceOpt, Device, Dtype, DtypeOpt, IgnoreEosOpt, MaxNewOpt, MinPOpt, ModelOpt,
                               RepPenaltyOpt, RevisionOpt, SeedOpt, StatsOpt, StopOpt, SystemOpt, TemperatureOpt,
                               TemplateOpt, TokenizerOpt, TopKOpt, TopPOpt, app, check_sampling, errors, load_engine,
-                              note, read_text_arg, stats_line, stderr, write)
+                              note, read_text_arg, stats_line, stderr, stop_on_interrupt, write)
 from llamacli.errors import TokenizerError, UsageError
 from llamacli.prompts import default_max_new_tokens, encode_prompt, sampling_params
 from llamacli.request import Finished, Request, TokenEvent
@@ -54,29 +54,38 @@ def generate(
         "--prompts-file", help="Batch mode: a JSONL file of prompts (or text, one prompt per line); '-' = stdin.",
         show_default=False, rich_help_panel=_BATCH)] = None,
     output: Annotated[Optional[Path], typer.Option(
-        "--output", "-o", help="Batch mode: the JSONL file to write (default: stdout).", show_default=False,
+        "--output", "-o", help="Batch mode: the JSONL file to write (default: stdout); never the prompts file. "
+                               "An existing non-empty file needs --resume or --overwrite.", show_default=False,
         rich_help_panel=_BATCH)] = None,
     batch_size: Annotated[int, typer.Option(
         "--batch-size", min=1, help="Batch mode: prompts generated together.", rich_help_panel=_BATCH)] = 8,
     resume: Annotated[bool, typer.Option(
-        "--resume", help="Batch mode: skip prompts already in --output.", rich_help_panel=_BATCH)] = False,
+        "--resume", help="Batch mode: continue --output. A row is done when the output has a result for its id "
+                         "(its line number if it has none) and the same prompt_hash (prompt or messages + "
+                         "overrides); an id whose result came from another prompt (the input was edited) is "
+                         "refused, never skipped. Error rows are retried and replaced.",
+        rich_help_panel=_BATCH)] = False,
+    overwrite: Annotated[bool, typer.Option(
+        "--overwrite", help="Batch mode: replace an existing --output. The old file stays until this run has "
+                            "written a row: it is replaced at the end, or when the run stops early with rows "
+                            "written (then --resume continues them).", rich_help_panel=_BATCH)] = False,
 ) -> None:
     """Generate text after a prompt, streamed to stdout (status and stats go to stderr)."""
-    with errors():
+    with errors(), stop_on_interrupt():  # a second Ctrl-C while stopping is ignored, not a traceback
         check_sampling(temperature, top_k, top_p, min_p, repetition_penalty)
         if raw and system:
             raise UsageError("--system needs the chat template; it cannot be used with --raw")
         if logprobs and not as_json and prompts_file is None:
             raise UsageError("--logprobs needs --json (log-probabilities are part of the JSON output)")
         if prompts_file is None:
-            if output is not None or resume:
-                raise UsageError("--output and --resume belong to batch mode: pass --prompts-file")
+            if output is not None or resume or overwrite:
+                raise UsageError("--output, --resume and --overwrite belong to batch mode: pass --prompts-file")
             text = read_text_arg(prompt, prompt_file, "--prompt", "--prompt-file")
         elif prompt is not None or prompt_file is not None:
             raise UsageError("pass either --prompts-file (batch) or --prompt / --prompt-file, not both")
 
         # Batch mode reads its input and checks its output before the (slow) model load.
-        prepared = prepare_batch(prompts_file, output, resume) if prompts_file is not None else None
+        prepared = prepare_batch(prompts_file, output, resume, overwrite) if prompts_file is not None else None
         engine, _, load_s = load_engine(model, revision, dtype, device, tokenizer, chat_template)
         gen = engine.config.generation
         sampling = sampling_params(gen, temperature, top_k, top_p, min_p, repetition_penalty)
@@ -144,15 +153,18 @@ def stream_generation(engine, ids: list[int], request: Request, as_json: bool, s
 # -- batch mode --------------------------------------------------------------------------------------------------
 
 
-def prepare_batch(prompts_file: Path, output: Optional[Path], resume: bool):
+def prepare_batch(prompts_file: Path, output: Optional[Path], resume: bool, overwrite: bool = False):
     """Batch mode, before any model is loaded: read every input row and check the output can be written.
 
-    Returns (rows, done_ids, opener); an unreadable input or unwritable output raises InputError here.
+    Returns (rows, done_ids, opener); an unreadable input or an output that may not be written raises here.
     """
     from llamacli.batch import prepare_output, read_rows
+    from llamacli.batch_output import check_not_input
 
+    target = "-" if output is None else output
+    check_not_input(target, prompts_file)  # before reading: stdin redirected from the output is read only once
     rows = read_rows(prompts_file)
-    done_ids, opener = prepare_output("-" if output is None else output, resume)
+    done_ids, opener = prepare_output(target, resume, rows=rows, overwrite=overwrite, source=prompts_file)
     return rows, done_ids, opener
 
 
@@ -192,7 +204,10 @@ def run_batch_mode(engine, prepared, request: Request, *, output: Optional[Path]
         except KeyboardInterrupt:
             done = summary.done if summary is not None else 0
             bar.stop()
-            note(f"interrupted: {done} rows written to {where}; run again with --resume to finish the rest")
+            if done:
+                note(f"interrupted: {done} rows written to {where}; run again with --resume to finish the rest")
+            else:
+                note(f"interrupted before any row was written to {where}")
             raise typer.Exit(130) from None
     skipped = f", {summary.skipped} skipped (already in the output)" if summary.skipped else ""
     note(f"batch: {summary.done} rows written to {where} ({summary.ok} ok, {summary.failed} failed){skipped}; "
