@@ -687,6 +687,69 @@ def test_cli_convert_errors(spm_model_bytes, tmp_path):
     assert usage.exit_code == 2
 
 
+def test_cli_convert_into_an_existing_checkpoint_is_refused_and_overwrite_replaces_it_whole(
+        tiny_llama_gguf, spm_model_bytes, tmp_path):
+    from typer.testing import CliRunner
+
+    from llamacli.cli import app
+
+    path, _, _ = tiny_llama_gguf
+    runner = CliRunner()
+    dest = tmp_path / "ckpt"  # an old sharded checkpoint with a tokenizer.json
+    dest.mkdir()
+    old = {"model-00001-of-00002.safetensors": "old", "model-00002-of-00002.safetensors": "old",
+           "model.safetensors.index.json": "{}", "tokenizer.json": "{}", "config.json": "{}"}
+    for name, text in old.items():
+        (dest / name).write_text(text)
+    result = runner.invoke(app, ["convert", str(path), str(dest)])
+    assert result.exit_code == 2
+    (line,) = result.stderr.strip().splitlines()
+    assert line == f"error: output folder {dest} exists and is not empty: choose a new folder, or pass --overwrite " \
+                   "to replace it"
+    assert {p.name: p.read_text() for p in dest.iterdir()} == old
+    # A conversion that fails with --overwrite leaves the old folder as it was.
+    vocab = spm_vocab(spm_model_bytes)
+    export_gguf(tmp_path / "bad.gguf", tiny_hf_model(len(vocab["tokens"]), num_hidden_layers=1), vocab, arch="phi3")
+    failed = runner.invoke(app, ["convert", str(tmp_path / "bad.gguf"), str(dest), "--overwrite"])
+    assert failed.exit_code == 1 and {p.name: p.read_text() for p in dest.iterdir()} == old
+    # --overwrite: the new checkpoint replaces the old folder whole, none of its old files stay.
+    done = runner.invoke(app, ["convert", str(path), str(dest), "--overwrite", "--dtype", "float32"])
+    assert done.exit_code == 0, done.output
+    fresh = runner.invoke(app, ["convert", str(path), str(tmp_path / "fresh"), "--dtype", "float32"])
+    assert fresh.exit_code == 0
+    assert sorted(p.name for p in dest.iterdir()) == sorted(p.name for p in (tmp_path / "fresh").iterdir())
+    assert "model.safetensors.index.json" not in {p.name for p in dest.iterdir()}
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary folders left
+    inside = dest / "copy.gguf"
+    inside.write_bytes(path.read_bytes())
+    refused = runner.invoke(app, ["convert", str(inside), str(dest), "--overwrite"])
+    assert refused.exit_code == 2 and "would delete the file being converted" in refused.stderr
+    assert inside.is_file()
+
+
+def test_an_interrupted_conversion_leaves_nothing_and_the_cache_heals(tiny_llama_gguf, tmp_path):
+    path, _, _ = tiny_llama_gguf
+
+    def interrupt(done, total, name):
+        if done == 3:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        convert_gguf(path, tmp_path / "out", progress=interrupt)
+    assert list(tmp_path.iterdir()) == []  # neither the folder nor a temporary one
+    cache = tmp_path / "cache"
+    with pytest.raises(KeyboardInterrupt):
+        cached_conversion(path, cache_root=cache, progress=interrupt)
+    assert list(cache.iterdir()) == []
+    target = cached_conversion(path, cache_root=cache)
+    assert (target / "config.json").is_file() and [p.name for p in cache.iterdir()] == [target.name]
+    # A cache folder without config.json (debris of an older llamacli) is replaced, not reused or mixed.
+    (target / "config.json").unlink()
+    (target / "stale.safetensors").write_text("old")
+    assert cached_conversion(path, cache_root=cache) == target
+    assert (target / "config.json").is_file() and not (target / "stale.safetensors").exists()
+
+
 def test_cli_convert_subprocess_exit_code(tmp_path):
     junk = tmp_path / "junk.gguf"
     junk.write_bytes(b"\x00" * 64)
