@@ -561,6 +561,7 @@ def test_resume_skips_finished_ids_and_retries_failed_ones(engine, tmp_path):
     summary, results = run_file(engine, src, out, resume=True)
     assert summary.skipped == 2 and summary.ok == 4 and summary.failed == 0
     ok = [r for r in results if "error" not in r]
+    assert len(results) == 6  # r2's old error row went: one row per id
     assert sorted(r["id"] for r in ok) == [f"r{i}" for i in range(6)]
     assert {r["id"]: r for r in ok} == expected
     # Resuming a complete output does nothing.

@@ -173,7 +173,10 @@ def test_batch_mode_runs_every_row_with_the_generate_options(tiny_chat_dir, tmp_
     prompts = tmp_path / "in.jsonl"
     prompts.write_text("".join(json.dumps({"id": k, "prompt": v}) + "\n" for k, v in texts.items()))
     out = tmp_path / "o"
-    out.write_text('{"id": "a", "text": "", "token_ids": []}\n')  # already done: --resume skips it
+    from llamacli.batch import prompt_hash, read_rows
+
+    done = {"id": "a", "text": "", "token_ids": [], "prompt_hash": prompt_hash(read_rows(prompts)[0])}
+    out.write_text(json.dumps(done) + "\n")  # already done (same id, same prompt): --resume skips it
     result = invoke("generate", "--model", tiny_chat_dir, "--prompts-file", prompts, "--output", out,
                     "--batch-size", "3", "--resume", "--temperature", "0.5", "--seed", "7", "--stop", "x",
                     "-n", "5", "--raw")

@@ -31,7 +31,8 @@ def convert(
         ConvertDtype.bfloat16
     ),
     overwrite: Annotated[bool, typer.Option(
-        "--overwrite", help="Replace a non-empty OUT_DIR as a whole (only once the new checkpoint is complete).")] = False,
+        "--overwrite", help="Replace a non-empty OUT_DIR as a whole (only once the new checkpoint is complete).",
+    )] = False,
 ) -> None:
     """Convert a GGUF file (llama architecture) into a Hugging Face checkpoint folder."""
     from llamacli.gguf import convert_gguf
