@@ -61,8 +61,8 @@ class Engine:
         self.config = model.config
         self.tokenizer = tokenizer
         self.chat_template = chat_template
-        self.device = model.model.embed_tokens.weight.device
-        self.dtype = model.model.embed_tokens.weight.dtype
+        self.device = model.device
+        self.dtype = model.dtype
         eos = set(self.config.eos_token_ids)
         if tokenizer is not None:
             eos |= set(tokenizer.eos_ids)

@@ -1,4 +1,5 @@
-"""The real SmolLM2-135M-Instruct checkpoint: our model against transformers on the same files, in fp32."""
+"""The real SmolLM2-135M-Instruct checkpoint: our model against transformers on the same files, in fp32, on
+the default runtime (oneDNN-packed) and on the reference modules."""
 
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ def models(smollm2_dir):
 
 @pytest.fixture(scope="module")
 def reference_path(smollm2_dir):
-    return load_model(smollm2_dir, dtype="float32", device="cpu", fuse=False)
+    return load_model(smollm2_dir, dtype="float32", device="cpu", runtime=False)
 
 
 def chat_prompt(tok, text: str) -> list[int]:
@@ -54,8 +55,10 @@ def test_logits_match_transformers(models, reference_path):
 
 
 @torch.no_grad()
-def test_32_greedy_tokens_equal_transformers(models):
+@pytest.mark.parametrize("path", ["runtime", "reference"])
+def test_32_greedy_tokens_equal_transformers(models, reference_path, path):
     ours, ref, tok = models
+    ours = ours if path == "runtime" else reference_path
     prompt = chat_prompt(tok, "Write a haiku about the sea.")
     expected = ref.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
                             max_new_tokens=32, min_new_tokens=32, do_sample=False,
