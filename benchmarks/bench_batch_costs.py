@@ -43,7 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 @contextlib.contextmanager
 def attention_free():
     """Every attention call of the fast path returns zeros of its output's shape (the what-if)."""
-    import llamacli.model as model_module
+    import llamacli.model.runtime as model_module
 
     decode, sdpa = model_module.decode_attention, F.scaled_dot_product_attention
     model_module.decode_attention = lambda q, keys, values, mask: q.new_zeros(q.shape[0], q.shape[1] * q.shape[3])
@@ -71,10 +71,7 @@ def measure_costs(engine, batch: int, positions: list[int], single_position: int
                   prefix: int, repetitions: int) -> dict:
     """Costs in ms, keyed (kind, rows or tokens, attention on?): decode steps of k batch rows, the one-row
     cache's step, prefills, and (attention on = None) the products alone; all alternating."""
-    from llamacli.model import _mm
-
     model = engine.model
-    fused = model._fused
     n = max(positions + [single_position]) + max(prefill_lengths) + prefix + 2
     batch_cache = engine.new_cache(n, max_batch=batch)
     single = engine.new_cache(n)
@@ -103,14 +100,12 @@ def measure_costs(engine, batch: int, positions: list[int], single_position: int
         fns[key + (True,)] = f
         fns[key + (False,)] = without_attention(f)
 
+    formats = list(model.formats().values())  # every matrix of the runtime, lm_head included
+
     def products(k: int) -> None:
-        x = torch.randn(k, engine.config.dim)
-        for L in fused.layers:
-            _mm(x, L.qkv, L.qkv_b)
-            _mm(x, L.o, L.o_b)
-            h = _mm(x, L.gate_up, L.gate_up_b)
-            _mm(h[:, :h.shape[1] // 2], L.down, L.down_b)
-        _mm(x, fused.lm_head, None)
+        inputs = {n: torch.randn(k, n) for n in {f.in_features for f in formats}}  # contiguous, as in the forward
+        for f in formats:
+            f.mm(inputs[f.in_features])
 
     for k in range(1, batch + 1):
         fns[("products", k, None)] = lambda k=k: products(k)

@@ -7,7 +7,7 @@ Not part of llamacli: a measurement for deciding whether native code is worth ad
 C++ op with torch.utils.cpp_extension (about 25 s the first time, cached after): attention of one new token
 per row over the cache, grouped-query, each row reading only its own positions, fp32, head_dim 64, for a
 cache in SDPA's layout (rows, kv heads, positions, head_dim). It checks the op against
-`llamacli.model.decode_attention` on random inputs, then runs bench_batch.py's 32 prompts at batch 1 and 8,
+`llamacli.kv_cache.decode_attention` on random inputs, then runs bench_batch.py's 32 prompts at batch 1 and 8,
 alternating the PyTorch path and the native one (batch caches then keep SDPA's layout, and every
 one-token-per-row SDPA call of fp32 head_dim 64 goes to the op). It prints medians, ratios, and how many rows
 differ from the first run's tokens.
@@ -144,7 +144,7 @@ def native_attention(op):
 
 def check_op(op) -> float:
     """Largest difference between the op and decode_attention on random rows at different positions."""
-    from llamacli.model import decode_attention, decode_mask
+    from llamacli.kv_cache import decode_attention, decode_mask
 
     torch.manual_seed(0)
     B, KV, G, S = 5, 3, 3, 300

@@ -84,7 +84,7 @@ def main() -> None:
                     if n == lengths[0]:
                         decode[name].append(args.gen_tokens / dec_s)
         step_bytes = weight_bytes_per_step(ours) + kv_bytes_per_step(
-            ours, lengths[0] + args.gen_tokens / 2, 1, ours.model.embed_tokens.weight.dtype)
+            ours, lengths[0] + args.gen_tokens / 2, 1, ours.dtype)
         med = {k: statistics.median(v) for k, v in {**prefill, **decode}.items()}
         for name in impls:
             gbps = step_bytes * med[name] / 1e9

@@ -22,7 +22,7 @@ import torch
 from llamacli import layout
 from llamacli.errors import UsageError
 from llamacli.kv_cache import KVCache
-from llamacli.model import Llama
+from llamacli.model import Llama, Runtime
 
 
 @dataclass
@@ -114,17 +114,9 @@ def measure_bandwidth(device: torch.device | str = "cpu", mib: int = 256, repeat
     return best, f"best of sum and copy over {mib} MiB fp32, {repeats} runs each"
 
 
-def weight_bytes_per_step(model: Llama) -> int:
-    """Bytes of weights one forward step reads: every parameter once, but only one embedding row.
-
-    With tied embeddings the table is read whole by the lm_head, so it counts once.
-    """
-    params = {id(p): p for p in model.parameters()}
-    total = sum(p.numel() * p.element_size() for p in params.values())
-    embed = model.model.embed_tokens.weight
-    if model.lm_head.weight is not embed:
-        total -= embed.numel() * embed.element_size()
-    return total
+def weight_bytes_per_step(model: Llama | Runtime) -> int:
+    """Bytes of weights one decode step reads (see the model's `weight_bytes_per_step`)."""
+    return model.weight_bytes_per_step()
 
 
 def kv_bytes_per_step(model: Llama, context: float, batch_size: int, dtype: torch.dtype) -> int:
@@ -145,8 +137,7 @@ def time_generation(model: Llama, prompt: torch.Tensor, gen_tokens: int) -> tupl
     """Prefill prompt (B, P) into a fresh cache, then decode gen_tokens greedy steps; return (prefill_s, decode_s)."""
     B, P = prompt.shape
     device = prompt.device
-    dtype = model.model.embed_tokens.weight.dtype
-    cache = KVCache(model.config, B, P + gen_tokens, dtype=dtype, device=device)
+    cache = KVCache(model.config, B, P + gen_tokens, dtype=model.dtype, device=device)
     _sync(device)
     t0 = time.perf_counter()
     logits = model(prompt, 0, cache, last_only=True)
@@ -166,8 +157,7 @@ def bench_model(model: Llama, prompt_tokens: list[int], gen_tokens: int, batch_s
     if repetitions < 1:
         raise UsageError(f"repetitions must be >= 1, got {repetitions}")
     cfg = model.config
-    weight = model.model.embed_tokens.weight
-    device, dtype = weight.device, weight.dtype
+    device, dtype = model.device, model.dtype
     for p in prompt_tokens:
         if p + gen_tokens > cfg.context_length:
             raise UsageError(f"prompt ({p} tokens) + gen-tokens ({gen_tokens}) = {p + gen_tokens} exceeds the "

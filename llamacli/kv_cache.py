@@ -5,9 +5,10 @@ Two layouts, picked by the number of rows. A one-row cache stores each layer's k
 (1, n_kv_heads, max_seq_len, head_dim), which SDPA reads directly. A cache of several rows (batched decoding)
 puts positions last, (max_batch, n_kv_heads, head_dim, max_seq_len): decoding then multiplies every kv head's
 queries by its keys as one (head_dim, positions) matrix and its softmax weights by its values the same way
-(`model.decode_attention`), which streams the cache faster than SDPA does. SmolLM2 shapes, 30 layers of
+(`decode_attention` below), which streams the cache faster than SDPA does. SmolLM2 shapes, 30 layers of
 cache in DRAM, 2 threads, us per layer: 8 rows at 80..300 positions, 250 vs 353 for SDPA; 3 rows, 92 vs 140;
-but 1 row, 51 vs 46, hence SDPA's layout there.
+but 1 row, 51 vs 46, hence SDPA's layout there. The masks and the decode attention each layout needs live
+here too, beside the layout they serve.
 """
 
 from __future__ import annotations
@@ -148,3 +149,62 @@ class KVCache:
     def move_row(self, src: int, dst: int, n_positions: int) -> None:
         """Copy row src's positions [0, n_positions) into row dst (every layer); row src is left as it was."""
         self.copy_prefix(dst, self, src, n_positions)
+
+
+def causal_mask(start_pos: int | torch.Tensor, T: int, end: int, device: torch.device) -> torch.Tensor | None:
+    """Boolean mask (True = attend): query i at position start_pos + i sees keys at positions <= its own.
+
+    Offset by start_pos (SDPA's is_causal is upper-left aligned, wrong when there are more keys than queries).
+    Per-row positions give a (B, 1, T, end) mask that also hides a row's stale cache entries past its end.
+    """
+    keys = torch.arange(end, device=device)
+    if isinstance(start_pos, int):
+        if T == 1:
+            return None  # one query at the last position sees every key in [0, end)
+        queries = start_pos + torch.arange(T, device=device)
+        return keys[None, :] <= queries[:, None]  # (T, end)
+    queries = start_pos[:, None] + torch.arange(T, device=device)  # (B, T)
+    return (keys[None, None, :] <= queries[:, :, None])[:, None]  # (B, 1, T, end)
+
+
+def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+                     mask: torch.Tensor | None) -> torch.Tensor:
+    """Attention of one new token per row over the cache, grouped-query, in q's dtype: (B, n_heads * head_dim).
+
+    q (B, n_heads, 1, head_dim); keys and values (B, n_kv_heads, head_dim, end) as the positions-last cache
+    stores them; mask None (every row sees all `end` positions) or additive (B * n_kv_heads, group, end), 0 or
+    -inf (see `decode_mask`). Each kv head's `group` query heads form one (group, head_dim) matrix, so every key
+    and value is read once per row, as two batched products over (head_dim, positions) matrices. The softmax is
+    taken in fp32, as transformers' eager attention does.
+    """
+    B, H, _, hd = q.shape
+    KV, end = keys.shape[1], keys.shape[3]
+    # Scaling q rather than the scores saves an op; 1/sqrt(head_dim) is a power of two for 64 and 256 (exact).
+    q = (q * hd ** -0.5).reshape(B * KV, H // KV, hd)  # query heads h = kv * group + g, as HF repeats kv heads
+    keys = keys.reshape(B * KV, hd, end)  # views: rows and heads merge
+    values = values.reshape(B * KV, hd, end)
+    scores = torch.bmm(q, keys) if mask is None else torch.baddbmm(mask, q, keys)  # (B * n_kv, group, end)
+    p = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+    out = torch.bmm(values, p.transpose(1, 2))  # (B * n_kv, head_dim, group): faster than p @ values^T here
+    return out.transpose(1, 2).reshape(B, H * hd)
+
+
+def decode_mask(start_pos: torch.Tensor, end: int, n_kv_heads: int, group: int,
+                dtype: torch.dtype) -> torch.Tensor:
+    """The additive mask of `decode_attention` for rows at positions start_pos (B,): row b sees [0, start_pos[b]]."""
+    B = start_pos.shape[0]
+    seen = torch.arange(end, device=start_pos.device)[None, :] <= start_pos[:, None]  # (B, end)
+    mask = torch.zeros((B, end), dtype=dtype, device=start_pos.device).masked_fill_(~seen, float("-inf"))
+    return mask[:, None, None].expand(B, n_kv_heads, group, end).reshape(B * n_kv_heads, group, end)
+
+
+def one_query_mask(positions: int | torch.Tensor, end: int, positions_last: bool, n_kv_heads: int, group: int,
+                   dtype: torch.dtype, device: torch.device) -> torch.Tensor | None:
+    """The mask for one query per row at `positions` over keys [0, end): None for one int position (it sees
+    them all), else `decode_mask`'s additive form for a positions-last cache, SDPA's boolean one otherwise."""
+    if isinstance(positions, int):
+        return None
+    positions = positions.to(device)
+    if positions_last:
+        return decode_mask(positions, end, n_kv_heads, group, dtype)
+    return causal_mask(positions, 1, end, device)

@@ -66,11 +66,11 @@ def check_window(context: int, stride: int, model_context: int) -> None:
 @torch.inference_mode()
 def compute_perplexity(model, token_ids: list[int], context: int, stride: int,
                        progress: Callable[[int, int], None] | None = None) -> PerplexityResult:
-    """Score token_ids with `model` (a `llamacli.model.Llama`) in windows; see the module docstring."""
+    """Score token_ids with `model` (a `llamacli.model.Runtime` or `Llama`) in windows; see the module docstring."""
     if len(token_ids) < 2:
         raise UsageError(f"perplexity needs at least 2 tokens, the text has {len(token_ids)}")
     check_window(context, stride, model.config.context_length)
-    device = model.model.embed_tokens.weight.device
+    device = model.device
     spans = list(windows(len(token_ids), context, stride))
     logprobs: list[float] = []
     for n, (begin, end, first) in enumerate(spans):

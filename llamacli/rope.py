@@ -1,5 +1,6 @@
-"""Rotary position embeddings: inverse frequencies for each scaling variant, fp32 cos/sin tables, and
-`apply_rope` in Hugging Face's half-rotation layout (the layout HF checkpoints' q/k weights expect).
+"""Rotary position embeddings: inverse frequencies for each scaling variant, fp32 cos/sin tables and the
+cache a model keeps them in (`RopeCache`), and `apply_rope` in Hugging Face's half-rotation layout (the
+layout HF checkpoints' q/k weights expect).
 
 The formulas follow the published definitions (Su et al.; NTK-aware dynamic scaling; YaRN; Llama 3.1's
 frequency smoothing), with the same defaults transformers applies, so logits match it.
@@ -105,3 +106,34 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     x1, x2 = x[..., :half], x[..., half:]
     rotated = torch.cat((-x2, x1), dim=-1)
     return x * cos + rotated * sin
+
+
+class RopeCache:
+    """cos/sin tables for a model, built in fp32 on first use and grown by powers of two as positions grow.
+
+    Dynamic NTK scaling past the trained context depends on the current length, so there a table is built
+    for each call instead (rare: only past the context).
+    """
+
+    def __init__(self, config: LlamaConfig):
+        self.config = config
+        self._cos: torch.Tensor | None = None
+        self._sin: torch.Tensor | None = None
+
+    def tables(self, positions: int | torch.Tensor, T: int, end: int,
+               device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """fp32 cos/sin for T tokens from `positions` (an int, or one per row as (B,)), shaped to broadcast
+        over (B, heads, T, head_dim): (1, 1, T, head_dim) for an int, (B, 1, T, head_dim) per row."""
+        cfg = self.config
+        if cfg.rope_type == "dynamic" and end > cfg.max_seq_len:
+            cos, sin = rope_tables(cfg, end, device, seq_len=end)
+        else:
+            if self._cos is None or self._cos.shape[0] < end or self._cos.device != device:
+                n = max(end, 256)
+                n = 1 << (n - 1).bit_length()  # grow by powers of two
+                self._cos, self._sin = rope_tables(cfg, n, device)
+            cos, sin = self._cos, self._sin
+        if isinstance(positions, int):
+            return cos[positions:positions + T][None, None], sin[positions:positions + T][None, None]
+        idx = positions[:, None] + torch.arange(T, device=device)  # (B, T)
+        return cos[idx][:, None], sin[idx][:, None]  # (B, 1, T, head_dim)

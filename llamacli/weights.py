@@ -16,7 +16,8 @@ from safetensors import SafetensorError, safe_open
 from llamacli import layout
 from llamacli.config import LlamaConfig, load_config
 from llamacli.errors import UsageError, WeightsError
-from llamacli.model import Llama, model_will_pack
+from llamacli.model import Llama, Runtime
+from llamacli.model.cpu import will_pack
 
 # The dtypes a model runs in, from the one dtype table (torch spells them the same way).
 DTYPES = {name: getattr(torch, name) for name in layout.RUN_DTYPES}
@@ -58,13 +59,13 @@ def _open(path: Path):
         raise WeightsError(f"{path}: not a readable safetensors file ({exc})") from None
 
 
-def load_model(folder: str | Path, dtype: str = "auto", device: str = "auto",
-               config: LlamaConfig | None = None, fuse: bool = True, pack: bool = True) -> Llama:
-    """Build a Llama from a checkpoint folder: strict names and shapes, chosen dtype and device.
+def load_model(folder: str | Path, dtype: str = "auto", device: str = "auto", config: LlamaConfig | None = None,
+               runtime: bool = True, pack: bool = True) -> Runtime | Llama:
+    """Load a checkpoint folder strictly (names and shapes) in the chosen dtype and device.
 
-    With `fuse` (the default) q/k/v and gate/up are fused for speed once every HF tensor is checked and
-    loaded; the HF-named parameters remain (as views). `fuse=False` keeps the module-by-module reference path.
-    `pack` (fp32 on CPU) prepacks the fused weights for oneDNN, about twice as fast (see `Llama.fuse_projections`).
+    Returns the `Runtime` built from it (the default: fused q/k/v and gate/up, the reference weights released
+    as they are laid out), or with `runtime=False` the reference `Llama` itself. `pack` lets the runtime
+    prepack CPU weights for oneDNN (fp32, and bf16 where the CPU has native bf16): about twice as fast.
     """
     folder = Path(folder)
     config = config or load_config(folder)
@@ -82,7 +83,7 @@ def load_model(folder: str | Path, dtype: str = "auto", device: str = "auto",
     # A tensor read in its stored dtype is a view of the memory-mapped file, and the mapping lives as long
     # as any such tensor. When the weights are going to be packed (and the plain ones released), copy them
     # instead, so that the file's pages leave the process with the loader.
-    copy = fuse and pack and dev.type == "cpu" and model_will_pack(torch_dtype)
+    copy = runtime and pack and dev.type == "cpu" and will_pack(torch_dtype)
     for name in need:
         try:
             tensor = handles[available[name]].get_tensor(name)
@@ -94,8 +95,8 @@ def load_model(folder: str | Path, dtype: str = "auto", device: str = "auto",
     if use_embed_for_head:
         model.lm_head.weight = model.model.embed_tokens.weight
     model.eval()
-    if fuse:
-        model.fuse_projections(pack=pack)
+    if runtime:
+        return Runtime.build(model, pack=pack, release=True)
     return model
 
 

@@ -1,5 +1,5 @@
-"""`llamacli bench` and the fast path it measures: JSON shape and sane values (never wall-clock thresholds),
-fused projections equal to the module-by-module forward, and the half-precision compute policy."""
+"""`llamacli bench` and the runtime it measures: JSON shape and sane values (never wall-clock thresholds),
+the runtime's weight formats equal to the reference modules, and the half-precision compute policy."""
 
 from __future__ import annotations
 
@@ -13,7 +13,9 @@ import torch
 from llamacli.bench import bench_model, kv_bytes_per_step, parse_int_list, run_bench, weight_bytes_per_step
 from llamacli.errors import UsageError
 from llamacli.kv_cache import KVCache
-from llamacli.model import HALF_ROWS_MAX, compute_dtype
+from llamacli.model import Llama, Runtime
+from llamacli.model.cpu import HALF_PACK_ROWS_MIN, HALF_ROWS_MAX, compute_dtype, cpu_has_native_bf16, onednn_available
+from llamacli.model.linear import build_linear
 from llamacli.weights import load_model
 
 PROMPT = [1, 17, 43, 99, 5, 64, 23, 77, 12, 8, 101, 33]
@@ -26,11 +28,19 @@ def test_parse_int_list():
             parse_int_list(bad, "--batch-size")
 
 
-def test_bytes_per_step(tiny_dir):
-    model = load_model(tiny_dir, dtype="float32", device="cpu")
-    cfg = model.config
-    untied = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values()) - cfg.vocab_size * cfg.dim
-    assert weight_bytes_per_step(model) == 4 * untied  # the embedding table is not read (lm_head is untied)
+@pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
+def test_bytes_per_step(tiny_checkpoint, tied):
+    path = tiny_checkpoint(tie_word_embeddings=tied)
+    reference = load_model(path, dtype="float32", device="cpu", runtime=False)
+    cfg = reference.config
+    n = sum(p.numel() for p in {id(p): p for p in reference.parameters()}.values())
+    # Untied, the embedding table is not read (a row is looked up); tied, the lm_head reads it: once.
+    want = 4 * (n if tied else n - cfg.vocab_size * cfg.dim)
+    assert weight_bytes_per_step(reference) == want
+    for pack in (True, False):
+        assert weight_bytes_per_step(load_model(path, dtype="float32", device="cpu", pack=pack)) == want
+    assert weight_bytes_per_step(load_model(path, dtype="bfloat16", device="cpu")) == want // 2
+    model = load_model(path, dtype="float32", device="cpu")
     assert kv_bytes_per_step(model, 10, 3, torch.float16) == 2 * cfg.n_layers * cfg.n_kv_heads * cfg.head_dim * 2 * 30
 
 
@@ -90,63 +100,79 @@ def test_cli_bench_table_and_errors(tiny_dir, tmp_path):
     assert missing.returncode == 1 and missing.stderr.startswith("error: ") and "Traceback" not in missing.stderr
 
 
-# -- the fast path against the reference path --------------------------------------------------------------
+# -- the runtime against the reference modules -------------------------------------------------------------
+
+
+def _linears(block) -> dict[str, list]:
+    """A reference block's Linear layers by the name of the runtime format that fuses them."""
+    a, m = block.self_attn, block.mlp
+    return {"self_attn.qkv_proj": [a.q_proj, a.k_proj, a.v_proj], "self_attn.o_proj": [a.o_proj],
+            "mlp.gate_up_proj": [m.gate_proj, m.up_proj], "mlp.down_proj": [m.down_proj]}
 
 
 @pytest.mark.parametrize("overrides", [{}, dict(attention_bias=True, mlp_bias=True),
                                        dict(tie_word_embeddings=True), dict(num_key_value_heads=4)],
                          ids=["gqa", "bias", "tied", "mha"])
-@pytest.mark.parametrize("pack", [False, True], ids=["views", "onednn"])
-def test_fused_equals_unfused(tiny_checkpoint, overrides, pack):
+@pytest.mark.parametrize("pack", [False, True], ids=["transposed", "onednn"])
+def test_runtime_equals_reference(tiny_checkpoint, overrides, pack):
+    """Each fused format multiplies as its reference Linear layers side by side, in the format the CPU runs
+    fastest, and the runtime's logits equal the reference modules' (full, prefill, per-row decode)."""
     path = tiny_checkpoint(**overrides)
-    fused = load_model(path, dtype="float32", device="cpu", pack=pack)
-    plain = load_model(path, dtype="float32", device="cpu", fuse=False)
-    assert fused._fused is not None and plain._fused is None
-    assert fused._fused.packed == pack  # oneDNN is part of the x86 CPU wheels CI installs
-    # HF names and shapes are unchanged; the tied head is still the embedding
-    assert {n: p.shape for n, p in fused.named_parameters()} == {n: p.shape for n, p in plain.named_parameters()}
-    for (n, a), (_, b) in zip(fused.state_dict().items(), plain.state_dict().items()):
-        if pack and a.is_meta:  # packed: the plain layer weights are released, only their shapes remain
-            assert "layers." in n or n == "lm_head.weight", n
-            continue
-        assert torch.equal(a, b), n
-    def tied(m):
-        return m.lm_head.weight is m.model.embed_tokens.weight
-
-    assert tied(fused) == tied(plain)
+    runtime = load_model(path, dtype="float32", device="cpu", pack=pack)
+    plain = load_model(path, dtype="float32", device="cpu", runtime=False)
+    assert isinstance(runtime, Runtime) and isinstance(plain, Llama)
+    assert (runtime.dtype, runtime.device) == (plain.dtype, plain.device) == (torch.float32, torch.device("cpu"))
+    formats = runtime.formats()
+    # oneDNN is part of the x86 CPU wheels CI installs
+    assert {type(f).__name__ for f in formats.values()} == {"Packed" if pack else "Transposed"}
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for i, block in enumerate(plain.model.layers):
+            for name, mods in _linears(block).items():
+                f = formats[f"model.layers.{i}.{name}"]
+                assert (f.out_features, f.in_features) == (sum(m.out_features for m in mods), mods[0].in_features)
+                x = torch.randn(3, f.in_features)
+                torch.testing.assert_close(f.mm(x), torch.cat([m(x) for m in mods], -1), atol=1e-5, rtol=0)
+        x = torch.randn(2, plain.config.dim)
+        torch.testing.assert_close(formats["lm_head"].mm(x), plain.lm_head(x), atol=1e-5, rtol=0)
+    assert runtime.weight_bytes_per_step() == plain.weight_bytes_per_step()  # a tied table still counts once
     ids = torch.tensor([PROMPT, PROMPT[::-1]])
     with torch.no_grad():
-        torch.testing.assert_close(fused(ids), plain(ids), atol=1e-5, rtol=0)
-        caches = [KVCache(m.config, 2, 20) for m in (fused, plain)]
-        outs = [m(ids, 0, c, last_only=True) for m, c in zip((fused, plain), caches)]
+        torch.testing.assert_close(runtime(ids), plain(ids), atol=1e-5, rtol=0)
+        caches = [KVCache(m.config, 2, 20) for m in (runtime, plain)]
+        outs = [m(ids, 0, c, last_only=True) for m, c in zip((runtime, plain), caches)]
         torch.testing.assert_close(outs[0], outs[1], atol=1e-5, rtol=0)
         step = torch.tensor([[5], [9]])
         pos = torch.tensor([len(PROMPT), len(PROMPT) - 2])  # per-row positions
-        outs = [m(step, pos, c) for m, c in zip((fused, plain), caches)]
+        outs = [m(step, pos, c) for m, c in zip((runtime, plain), caches)]
         torch.testing.assert_close(outs[0], outs[1], atol=1e-5, rtol=0)
 
 
-def test_packed_model_refuses_unfuse_and_cast(tiny_dir):
-    model = load_model(tiny_dir, dtype="float32", device="cpu")
-    assert model._fused.packed
-    with pytest.raises(RuntimeError, match="packed for oneDNN"):
-        model.unfuse_projections()
-    model.to(torch.float64)
-    with pytest.raises(RuntimeError, match="load it again to change its dtype or device"):
-        model(torch.tensor([PROMPT]))
-
-
-def test_unfuse_and_refuse_after_cast(tiny_dir):
-    model = load_model(tiny_dir, dtype="float32", device="cpu", pack=False)
+@pytest.mark.parametrize("pack", [False, True], ids=["transposed", "onednn"])
+def test_runtime_is_independent_of_the_llama_it_was_built_from(tiny_dir, pack):
+    """A runtime owns its weights: casting, moving or replacing the Llama's parameters afterwards changes
+    nothing, and the runtime has no cast of its own. Built with `release` (as load_model does), the Llama's
+    weights are gone and it cannot be built from again."""
+    llama = load_model(tiny_dir, dtype="float32", device="cpu", runtime=False)
+    runtime = Runtime.build(llama, pack=pack)
     ids = torch.tensor([PROMPT])
     with torch.no_grad():
-        fused = model(ids)
-        model.unfuse_projections()
-        torch.testing.assert_close(model(ids), fused, atol=1e-5, rtol=0)
-        model.fuse_projections(pack=False)
-        model.to(torch.float64)  # a cast after fusing: the forward fuses the new weights again
-        assert model(ids).dtype == torch.float64
-        torch.testing.assert_close(model(ids).float(), fused, atol=1e-4, rtol=0)
+        before = runtime(ids)
+        torch.testing.assert_close(before, llama(ids), atol=1e-5, rtol=0)
+        llama.to(torch.float64)  # the reference modules can be cast; the runtime stays as built
+        assert llama(ids).dtype == torch.float64
+        torch.testing.assert_close(llama(ids).float(), before, atol=1e-4, rtol=0)
+        llama.model.layers[0].mlp.down_proj.weight = torch.nn.Parameter(torch.zeros(1), requires_grad=False)
+        llama.model.norm.weight = torch.nn.Parameter(torch.zeros(1, dtype=torch.float64), requires_grad=False)
+        after = runtime(ids)
+    assert after.dtype == torch.float32 and runtime.dtype == torch.float32
+    assert torch.equal(after, before)
+    assert not hasattr(runtime, "to") and not hasattr(runtime, "float") and not hasattr(runtime, "half")
+    llama = load_model(tiny_dir, dtype="float32", device="cpu", runtime=False)
+    Runtime.build(llama, pack=pack, release=True)
+    assert all(p.is_meta for n, p in llama.named_parameters() if "layers." in n and n.endswith("proj.weight"))
+    with pytest.raises(RuntimeError, match="weights were released"):
+        Runtime.build(llama)
 
 
 def test_compute_dtype_policy():
@@ -203,32 +229,34 @@ def test_half_batched_decode_at_per_row_positions_stays_close_to_fp32(tiny_dir, 
 
 
 def test_bf16_is_packed_exactly_where_the_cpu_has_native_bf16(tiny_dir):
-    from llamacli.model import cpu_has_native_bf16
+    def kinds(model):
+        return {type(f).__name__ for f in model.formats().values()}
 
     model = load_model(tiny_dir, dtype="bfloat16", device="cpu")
-    plain = load_model(tiny_dir, dtype="bfloat16", device="cpu", fuse=False)
-    assert model._fused.packed == cpu_has_native_bf16()
-    assert load_model(tiny_dir, dtype="float16", device="cpu")._fused.packed is False
+    plain = load_model(tiny_dir, dtype="bfloat16", device="cpu", runtime=False)
+    assert kinds(model) == {"Packed" if cpu_has_native_bf16() else "Dense"}
+    assert {f.dtype for f in model.formats().values()} == {torch.bfloat16}
+    assert kinds(load_model(tiny_dir, dtype="float16", device="cpu")) == {"Dense"}  # fp16: never packed
     ids = torch.tensor([PROMPT])
     with torch.no_grad():
         torch.testing.assert_close(model(ids).float(), plain(ids).float(), atol=3e-2, rtol=3e-2)
 
 
 def test_many_upcast_rows_are_packed_on_the_spot_with_the_same_result(monkeypatch):
-    """Above HALF_PACK_ROWS_MIN rows, half weights are upcast and oneDNN-packed per call: same product."""
-    import llamacli.model as model_module
-
+    """From HALF_PACK_ROWS_MIN rows, half weights times fp32 inputs are upcast and oneDNN-packed per call,
+    with the same product; fewer rows upcast without packing."""
     torch.manual_seed(0)
-    w_t = torch.randn(40, 96).half().t()  # (in, out) view of an (out, in) fp16 weight, as the fast path holds
-    bias = torch.randn(40).half()
-    x = torch.randn(model_module.HALF_PACK_ROWS_MIN, 96)
-    want = torch.addmm(bias.float(), x, w_t.float())
-    torch.testing.assert_close(model_module._mm(x, w_t, bias), want, atol=1e-5, rtol=1e-5)
+    weight, bias = torch.randn(40, 96).half(), torch.randn(40).half()  # (out, in) fp16, as stored on a CPU
+    f = build_linear([weight], [bias])
+    assert type(f).__name__ == "Dense" and f.dtype == torch.float16
+    x = torch.randn(HALF_PACK_ROWS_MIN, 96)
+    want = torch.addmm(bias.float(), x, weight.float().t())
+    torch.testing.assert_close(f.mm(x), want, atol=1e-5, rtol=1e-5)
     calls = []
     reorder = torch.ops.mkldnn._reorder_linear_weight
     monkeypatch.setattr(torch.ops.mkldnn, "_reorder_linear_weight", lambda *a: calls.append(a[1]) or reorder(*a),
                         raising=False)
-    model_module._mm(x, w_t, bias)
-    model_module._mm(x[:8], w_t, bias)  # few rows: a plain upcast product, no pack
+    f.mm(x)
+    torch.testing.assert_close(f.mm(x[:8]), want[:8], atol=1e-5, rtol=1e-5)  # few rows: a plain upcast product
     # Without oneDNN (some non-x86 builds) nothing is packed; the product above is then the plain one.
-    assert calls == ([model_module.HALF_PACK_ROWS_MIN] if model_module._onednn_available(torch.float32) else [])
+    assert calls == ([HALF_PACK_ROWS_MIN] if onednn_available(torch.float32) else [])

@@ -1,13 +1,14 @@
-"""The KV cache: sizing, overflow before compute, per-row writes."""
+"""The KV cache: sizing, overflow before compute, per-row writes; the masks and the decode attention of its layouts."""
 
 from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from llamacli.config import LlamaConfig
 from llamacli.errors import ContextOverflowError
-from llamacli.kv_cache import KVCache, cache_bytes
+from llamacli.kv_cache import KVCache, cache_bytes, causal_mask, decode_attention, decode_mask, one_query_mask
 
 CFG = LlamaConfig(dim=64, n_layers=3, n_heads=4, n_kv_heads=2, head_dim=16, ffn_dim=128, vocab_size=100,
                   max_seq_len=32)
@@ -113,3 +114,46 @@ def test_copy_prefix_and_move_row_copy_positions_of_every_layer(source_last, des
         (k, v), (sk, sv) = cache.row(layer, 0), source.row(layer, 0)
         assert torch.equal(k[:, :4], sk[:, :4]) and torch.equal(v[:, :4], sv[:, :4])
         assert not k[:, 4:].any()
+
+
+def test_causal_mask_is_offset_by_start_pos():
+    """Queries at positions 2..4 over keys 0..4 see their own position and before (not SDPA's upper-left
+    alignment); per-row positions give one mask per row; one query at an int position needs none."""
+    want = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 0], [1, 1, 1, 1, 1]], dtype=torch.bool)
+    assert torch.equal(causal_mask(2, 3, 5, torch.device("cpu")), want)
+    per_row = causal_mask(torch.tensor([2, 0]), 3, 5, torch.device("cpu"))
+    assert per_row.shape == (2, 1, 3, 5)
+    assert torch.equal(per_row[0, 0], want) and torch.equal(per_row[1, 0], torch.ones(3, 5).tril().bool())
+    assert causal_mask(4, 1, 5, torch.device("cpu")) is None
+
+
+def test_one_query_mask_follows_the_layout():
+    cpu = torch.device("cpu")
+    assert one_query_mask(7, 8, True, 2, 3, torch.float32, cpu) is None
+    positions = torch.tensor([1, 4])
+    additive = one_query_mask(positions, 5, True, 2, 3, torch.float32, cpu)
+    assert torch.equal(additive, decode_mask(positions, 5, 2, 3, torch.float32))
+    assert additive.shape == (2 * 2, 3, 5) and torch.isinf(additive[0, :, 2:]).all() and not additive[2:].any()
+    boolean = one_query_mask(positions, 5, False, 2, 3, torch.float32, cpu)
+    assert torch.equal(boolean, causal_mask(positions, 1, 5, cpu))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_decode_attention_equals_sdpa_with_per_row_lengths(dtype):
+    """The decode attention over the positions-last cache equals SDPA over (positions, head_dim) keys, with
+    grouped-query heads and rows that see different numbers of positions."""
+    torch.manual_seed(0)
+    B, H, KV, hd, end = 4, 6, 2, 16, 11
+    q = torch.randn(B, H, 1, hd, dtype=dtype)
+    k = torch.randn(B, KV, end, hd, dtype=dtype)
+    v = torch.randn(B, KV, end, hd, dtype=dtype)
+    start_pos = torch.tensor([10, 0, 4, 7])
+    seen = (torch.arange(end)[None, :] <= start_pos[:, None])[:, None, None]  # (B, 1, 1, end)
+    want = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=seen, enable_gqa=True)
+    got = decode_attention(q, k.transpose(-1, -2), v.transpose(-1, -2), decode_mask(start_pos, end, KV, H // KV, dtype))
+    tol = dict(atol=1e-6, rtol=1e-5) if dtype == torch.float32 else dict(atol=2e-2, rtol=2e-2)
+    torch.testing.assert_close(got.float(), want.transpose(1, 2).reshape(B, H * hd), **tol)
+    # Without a mask every row sees all positions.
+    full = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), enable_gqa=True)
+    got = decode_attention(q, k.transpose(-1, -2), v.transpose(-1, -2), None)
+    torch.testing.assert_close(got.float(), full.transpose(1, 2).reshape(B, H * hd), **tol)

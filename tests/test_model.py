@@ -1,5 +1,6 @@
-"""Our model against transformers on tiny random checkpoints of every supported shape, and its own
-equivalences: cache vs full forward, chunked vs one-shot prefill, batch rows vs single rows."""
+"""Our model against transformers on tiny random checkpoints of every supported shape, on every path (the
+reference modules, the packed runtime, the unpacked runtime), and its own equivalences: cache vs full
+forward, chunked vs one-shot prefill, batch rows vs single rows."""
 
 from __future__ import annotations
 
@@ -34,7 +35,10 @@ FIXTURES = {
     "sharded": dict(shard=True),
     "bf16": dict(store_dtype="bfloat16"),
     "fp16": dict(store_dtype="float16"),
+    "padded-vocab": dict(vocab_size=136),  # embeddings padded past the ids used (PROMPT's are all < 128)
 }
+# How the model is loaded: the reference modules, and the runtime with and without oneDNN packing.
+PATHS = {"reference": dict(runtime=False), "packed": dict(pack=True), "unpacked": dict(pack=False)}
 PROMPT = [1, 17, 43, 99, 5, 64, 23, 77, 12, 8, 101, 33, 56, 90, 7, 3, 120, 45, 66, 14, 2, 9, 88, 31]
 
 
@@ -59,15 +63,21 @@ def greedy(model, ids: list[int], n: int, eos: set[int]) -> list[int]:
     return out
 
 
-MAX_DIFF: dict[str, float] = {}
-
 
 @pytest.fixture(scope="module", params=sorted(FIXTURES), ids=sorted(FIXTURES))
-def pair(request, tmp_path_factory):
+def checkpoint(request, tmp_path_factory):
+    """(fixture name, checkpoint folder, the transformers model of it)."""
     from tests.conftest import write_tiny_checkpoint
 
     path = write_tiny_checkpoint(tmp_path_factory.mktemp(request.param) / "ckpt", **FIXTURES[request.param])
-    return request.param, load_model(path, dtype="float32", device="cpu"), hf_model(path)
+    return request.param, path, hf_model(path)
+
+
+@pytest.fixture(scope="module", params=sorted(PATHS), ids=sorted(PATHS))
+def pair(request, checkpoint):
+    """(fixture name, our model loaded along one path, the transformers model)."""
+    name, path, ref = checkpoint
+    return name, load_model(path, dtype="float32", device="cpu", **PATHS[request.param]), ref
 
 
 @torch.no_grad()
@@ -77,7 +87,6 @@ def test_logits_match_transformers(pair):
     expected = ref(ids).logits
     got = ours(ids)
     diff = (got - expected).abs().max().item()
-    MAX_DIFF[name] = diff
     print(f"\n{name}: max |logit diff| vs transformers = {diff:.2e}")
     assert got.shape == expected.shape
     assert diff < 1e-4
@@ -143,10 +152,11 @@ def test_greedy_equals_transformers_generate(pair):
     assert greedy(ours, prompt, n, {2}) == expected
 
 
+@pytest.mark.parametrize("path", sorted(PATHS))
 @torch.no_grad()
-def test_per_row_positions_equal_single_rows(tiny_dir):
+def test_per_row_positions_equal_single_rows(tiny_dir, path):
     """Rows at different positions in one batch give each row's own single-row logits."""
-    model = load_model(tiny_dir, dtype="float32", device="cpu")
+    model = load_model(tiny_dir, dtype="float32", device="cpu", **PATHS[path])
     a, b = PROMPT[:9], PROMPT[5:20]
     cache = KVCache(model.config, 2, 32)
     model(torch.tensor([a]), 0, cache.rows(0, 1))
@@ -157,9 +167,10 @@ def test_per_row_positions_equal_single_rows(tiny_dir):
         torch.testing.assert_close(step[row:row + 1, -1], single, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("path", sorted(PATHS))
 @torch.no_grad()
-def test_multi_token_step_with_per_row_positions(tiny_dir):
-    model = load_model(tiny_dir, dtype="float32", device="cpu")
+def test_multi_token_step_with_per_row_positions(tiny_dir, path):
+    model = load_model(tiny_dir, dtype="float32", device="cpu", **PATHS[path])
     a, b = PROMPT[:7], PROMPT[3:13]
     cache = KVCache(model.config, 2, 32)
     model(torch.tensor([a]), 0, cache.rows(0, 1))
@@ -169,13 +180,12 @@ def test_multi_token_step_with_per_row_positions(tiny_dir):
     torch.testing.assert_close(out[1], model(torch.tensor([b + [7, 8, 9]]))[0, -3:], atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("fuse,pack", [(True, True), (True, False), (False, False)],
-                         ids=["packed", "fused", "reference"])
+@pytest.mark.parametrize("path", sorted(PATHS))
 @torch.no_grad()
-def test_forward_last_of_several_parts_equals_separate_forwards(tiny_dir, fuse, pack):
+def test_forward_last_of_several_parts_equals_separate_forwards(tiny_dir, path):
     """Decoding rows and a new prompt's prefill in one pass give each row's separate last-position logits,
     and write the same keys/values into the cache."""
-    model = load_model(tiny_dir, dtype="float32", device="cpu", fuse=fuse, pack=pack)
+    model = load_model(tiny_dir, dtype="float32", device="cpu", **PATHS[path])
     a, b, c, new = PROMPT[:9], PROMPT[5:20], PROMPT[2:6], PROMPT[1:12]
     together, apart = KVCache(model.config, 4, 32), KVCache(model.config, 4, 32)
     for cache in (together, apart):
@@ -197,37 +207,12 @@ def test_forward_last_of_several_parts_equals_separate_forwards(tiny_dir, fuse, 
         torch.testing.assert_close(v_t, v_a, atol=1e-6, rtol=1e-6)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_decode_attention_equals_sdpa_with_per_row_lengths(dtype):
-    """The decode attention over the positions-last cache equals SDPA over (positions, head_dim) keys, with
-    grouped-query heads and rows that see different numbers of positions."""
-    import torch.nn.functional as F
-
-    from llamacli.model import decode_attention, decode_mask
-
-    torch.manual_seed(0)
-    B, H, KV, hd, end = 4, 6, 2, 16, 11
-    q = torch.randn(B, H, 1, hd, dtype=dtype)
-    k = torch.randn(B, KV, end, hd, dtype=dtype)
-    v = torch.randn(B, KV, end, hd, dtype=dtype)
-    start_pos = torch.tensor([10, 0, 4, 7])
-    seen = (torch.arange(end)[None, :] <= start_pos[:, None])[:, None, None]  # (B, 1, 1, end)
-    want = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=seen, enable_gqa=True)
-    got = decode_attention(q, k.transpose(-1, -2), v.transpose(-1, -2), decode_mask(start_pos, end, KV, H // KV, dtype))
-    tol = dict(atol=1e-6, rtol=1e-5) if dtype == torch.float32 else dict(atol=2e-2, rtol=2e-2)
-    torch.testing.assert_close(got.float(), want.transpose(1, 2).reshape(B, H * hd), **tol)
-    # Without a mask every row sees all positions.
-    full = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), enable_gqa=True)
-    got = decode_attention(q, k.transpose(-1, -2), v.transpose(-1, -2), None)
-    torch.testing.assert_close(got.float(), full.transpose(1, 2).reshape(B, H * hd), **tol)
-
-
 @torch.no_grad()
-@pytest.mark.parametrize("fuse", [True, False])
-def test_cache_layouts_give_the_same_logits(tiny_dir, fuse):
+@pytest.mark.parametrize("path", sorted(PATHS))
+def test_cache_layouts_give_the_same_logits(tiny_dir, path):
     """Prefill then decode steps through a positions-last cache (several rows' layout, decode_attention)
-    equal the same through a one-row layout cache (SDPA), on the fast and the reference path."""
-    model = load_model(tiny_dir, dtype="float32", device="cpu", fuse=fuse)
+    equal the same through a one-row layout cache (SDPA), on every path."""
+    model = load_model(tiny_dir, dtype="float32", device="cpu", **PATHS[path])
     outs = []
     for positions_last in (False, True):
         cache = KVCache(model.config, 1, 32, positions_last=positions_last)
@@ -240,10 +225,11 @@ def test_cache_layouts_give_the_same_logits(tiny_dir, fuse):
 
 @torch.no_grad()
 @pytest.mark.parametrize("rows", [1, 2])
-def test_last_only_equals_the_last_position_of_the_full_forward(tiny_dir, rows):
+@pytest.mark.parametrize("path", sorted(PATHS))
+def test_last_only_equals_the_last_position_of_the_full_forward(tiny_dir, rows, path):
     """last_only (the last layer runs for the last positions only) gives the full forward's last logits:
     without a cache, from position 0, after a cached prefix, and for rows at different positions."""
-    model = load_model(tiny_dir, dtype="float32", device="cpu")
+    model = load_model(tiny_dir, dtype="float32", device="cpu", **PATHS[path])
     tokens = torch.tensor([PROMPT[:7], PROMPT[3:10]][:rows])
     torch.testing.assert_close(model(tokens, last_only=True)[:, -1], model(tokens)[:, -1], atol=1e-5, rtol=1e-5)
     for start in (0, 5, torch.tensor([5])) if rows == 1 else (torch.tensor([5, 2]),):

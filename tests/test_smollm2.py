@@ -1,4 +1,5 @@
-"""The real SmolLM2-135M-Instruct checkpoint: our model against transformers on the same files, in fp32."""
+"""The real SmolLM2-135M-Instruct checkpoint: our model against transformers on the same files, in fp32, on
+the default runtime (oneDNN-packed) and on the reference modules."""
 
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ def models(smollm2_dir):
 
 @pytest.fixture(scope="module")
 def reference_path(smollm2_dir):
-    return load_model(smollm2_dir, dtype="float32", device="cpu", fuse=False)
+    return load_model(smollm2_dir, dtype="float32", device="cpu", runtime=False)
 
 
 def chat_prompt(tok, text: str) -> list[int]:
@@ -39,23 +40,26 @@ def test_shape_is_smollm2(models):
 
 
 @torch.no_grad()
-def test_logits_match_transformers(models, reference_path):
+def test_logits_match_transformers(models, reference_path, smollm2_dir):
     ours, ref, tok = models
     ids = torch.tensor([chat_prompt(tok, "What is the capital of France? Answer in one sentence.")])
     expected = ref(ids).logits
     exact = (reference_path(ids) - expected).abs().max().item()
+    unpacked = (load_model(smollm2_dir, dtype="float32", device="cpu", pack=False)(ids) - expected).abs().max().item()
     fast = (ours(ids) - expected).abs().max().item()
     print(f"\nSmolLM2-135M-Instruct fp32 over {ids.shape[1]} positions, max |logit diff| vs transformers: "
-          f"reference path {exact:.2e}, default (oneDNN-packed) path {fast:.2e}; max |logit| "
-          f"{expected.abs().max().item():.1f}")
-    assert exact < 1e-4
+          f"reference path {exact:.2e}, unpacked runtime {unpacked:.2e}, default (oneDNN-packed) runtime "
+          f"{fast:.2e}; max |logit| {expected.abs().max().item():.1f}")
+    assert exact < 1e-4 and unpacked < 1e-4
     # The packed kernels sum in another order: equal up to float32 rounding, relative to the logits' size.
     torch.testing.assert_close(ours(ids), expected, atol=1e-4, rtol=1e-5)
 
 
 @torch.no_grad()
-def test_32_greedy_tokens_equal_transformers(models):
+@pytest.mark.parametrize("path", ["runtime", "reference"])
+def test_32_greedy_tokens_equal_transformers(models, reference_path, path):
     ours, ref, tok = models
+    ours = ours if path == "runtime" else reference_path
     prompt = chat_prompt(tok, "Write a haiku about the sea.")
     expected = ref.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
                             max_new_tokens=32, min_new_tokens=32, do_sample=False,

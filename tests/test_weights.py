@@ -81,15 +81,23 @@ def test_missing_shard_is_named(tiny_checkpoint):
 def test_absent_lm_head_uses_embeddings(tiny_checkpoint):
     d = tiny_checkpoint(tie_word_embeddings=False)
     rewrite(d, lambda t: t.pop("lm_head.weight"))
-    model = load_model(d, device="cpu")
+    model = load_model(d, device="cpu", runtime=False)
     assert model.lm_head.weight is model.model.embed_tokens.weight
+    runtime = load_model(d, device="cpu")  # the runtime's head reads the same table, counted once
+    assert runtime.weight_bytes_per_step() == model.weight_bytes_per_step()
+    ids = torch.tensor([[1, 5, 9, 3]])
+    with torch.no_grad():
+        torch.testing.assert_close(runtime(ids), model(ids), atol=1e-5, rtol=0)
 
 
 @pytest.mark.parametrize("dtype, expected", [("float32", torch.float32), ("bfloat16", torch.bfloat16),
                                              ("float16", torch.float16), ("auto", torch.float32)])
 def test_requested_dtype(tiny_dir, dtype, expected):
-    model = load_model(tiny_dir, dtype=dtype, device="cpu")
-    assert {p.dtype for p in model.parameters()} == {expected}
+    model = load_model(tiny_dir, dtype=dtype, device="cpu", runtime=False)
+    assert {p.dtype for p in model.parameters()} == {expected} and model.dtype == expected
+    runtime = load_model(tiny_dir, dtype=dtype, device="cpu")
+    assert runtime.dtype == expected and {f.dtype for f in runtime.formats().values()} == {expected}
+    assert runtime.device == model.device == torch.device("cpu")
 
 
 def test_bad_dtype_and_device_are_usage_errors(tiny_dir):
