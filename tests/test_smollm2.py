@@ -50,9 +50,12 @@ def test_logits_match_transformers(models, reference_path, smollm2_dir):
     print(f"\nSmolLM2-135M-Instruct fp32 over {ids.shape[1]} positions, max |logit diff| vs transformers: "
           f"reference path {exact:.2e}, unpacked runtime {unpacked:.2e}, default (oneDNN-packed) runtime "
           f"{fast:.2e}; max |logit| {expected.abs().max().item():.1f}")
-    assert exact < 1e-4 and unpacked < 1e-4
-    # The packed kernels sum in another order: equal up to float32 rounding, relative to the logits' size.
-    torch.testing.assert_close(ours(ids), expected, atol=1e-4, rtol=1e-5)
+    assert exact < 1e-4
+    # The runtime's kernels (fused, oneDNN-packed) sum in another order than transformers': equal up to float32
+    # rounding over 30 layers, which scales with the logits' size (1.3e-4 of values up to 38 on one CPU seen;
+    # a wrong weight or rotation is off by more than 0.1).
+    bound = 1e-5 * expected.abs().max().item()
+    assert unpacked < bound and fast < bound
 
 
 @torch.no_grad()
