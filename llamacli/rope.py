@@ -112,7 +112,7 @@ class RopeCache:
     """cos/sin tables for a model, built in fp32 on first use and grown by powers of two as positions grow.
 
     Dynamic NTK scaling past the trained context depends on the current length, so there a table is built
-    for each call instead (rare: only past the context).
+    for each call instead, per row for rows at different positions (rare: only past the context).
     """
 
     def __init__(self, config: LlamaConfig):
@@ -125,6 +125,11 @@ class RopeCache:
         """fp32 cos/sin for T tokens from `positions` (an int, or one per row as (B,)), shaped to broadcast
         over (B, heads, T, head_dim): (1, 1, T, head_dim) for an int, (B, 1, T, head_dim) per row."""
         cfg = self.config
+        if cfg.rope_type == "dynamic" and end > cfg.max_seq_len and not isinstance(positions, int):
+            # Dynamic NTK scales by each sequence's own length: rows at different positions (a batch) each get
+            # their own table, so a row's tokens do not depend on its batch mates.
+            rows = [self.tables(p, T, p + T, device) for p in positions.tolist()]
+            return torch.cat([c for c, _ in rows]), torch.cat([s for _, s in rows])  # (B, 1, T, head_dim)
         if cfg.rope_type == "dynamic" and end > cfg.max_seq_len:
             cos, sin = rope_tables(cfg, end, device, seq_len=end)
         else:

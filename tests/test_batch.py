@@ -744,3 +744,20 @@ def test_smollm2_batch_equals_single_up_to_near_ties(smollm2_dir):
         warnings.warn(f"batch vs single diverged at near-ties (row, token, top-2 gap): {divergences}")
     print(f"SmolLM2 batch vs single: {len(items) - len(divergences)}/{len(items)} rows identical; "
           f"near-tie divergences: {divergences}")
+
+
+def test_dynamic_rope_rows_past_the_trained_length_do_not_depend_on_their_batch_mates(tmp_path):
+    """Dynamic NTK rotates by each sequence's own length: a short row decoding beside a row already past the
+    trained context gets the tokens it gets alone (issue 15: it diverged at its 4th token)."""
+    from tests.conftest import write_tiny_checkpoint
+    from llamacli.weights import load_model
+
+    model_dir = write_tiny_checkpoint(tmp_path / "dyn", max_position_embeddings=24,
+                                      rope_scaling={"rope_type": "dynamic", "factor": 4.0})
+    for runtime in (True, False):
+        dyn = Engine(load_model(model_dir, dtype="float32", device="cpu", runtime=runtime), None, None)
+        items = [(0, [5, 6, 7], Request(max_new_tokens=30, ignore_eos=True)),
+                 (1, list(range(30, 52)), Request(max_new_tokens=12, ignore_eos=True))]
+        results = dict(dyn.stream_batch(items, 2))
+        for key, ids, req in items:
+            assert results[key].token_ids == dyn.generate(ids, req).token_ids, (runtime, key)
