@@ -189,3 +189,26 @@ def test_padded_vocab_batches_and_chats(padded):
     for text in PADDED_PROMPTS[:2]:
         assert isinstance(list(chat.turn(text, Request(max_new_tokens=20)))[-1], Finished)
     assert len(chat.conversation.turns) == 2
+
+
+def test_chat_cache_grows_with_the_conversation_not_the_context(tmp_path):
+    """The session's cache starts at what a turn needs and grows (keeping what is cached), instead of the model's
+    whole context up front; the replies equal fresh runs of the same ids (issue 15)."""
+    from tests.conftest import write_tiny_chat_checkpoint
+    from llamacli.generation import ChatSession
+
+    folder = write_tiny_chat_checkpoint(tmp_path / "long", max_position_embeddings=4096)
+    engine = Engine.load(folder, dtype="float32", device="cpu")
+    chat = ChatSession(engine)
+    request = Request(max_new_tokens=40, ignore_eos=True)
+    sizes = []
+    for text in ["hi", "word " * 150, "and again " * 40, "ok"]:
+        ids = chat.prompt_ids(text)
+        reply = list(chat.turn(text, request))[-1]
+        assert reply.token_ids == engine.generate(ids, request).token_ids
+        assert reply.stats.prefill_tokens < len(ids) or len(sizes) == 0  # later turns reuse the cache
+        sizes.append(chat.cache.max_seq_len)
+    assert sizes[0] == 256 and sizes == sorted(sizes) and sizes[-1] < 4096
+    capped = ChatSession(engine, max_context=200)  # --max-context caps it
+    list(capped.turn("hi", request))
+    assert capped.cache.max_seq_len == 200

@@ -13,8 +13,12 @@ from llamacli.kv_cache import KVCache
 from llamacli.request import Event, Finished, Request
 
 
+MIN_POSITIONS = 256  # the first cache holds at least this many positions (room for a few short turns)
+
+
 class ChatSession:
-    """A conversation on an engine, with one KV cache of `max_context` positions (the model's by default)."""
+    """A conversation on an engine, with one KV cache of at most `max_context` positions (the model's context by
+    default), allocated as the conversation grows."""
 
     def __init__(self, engine, system: str | None = None, max_context: int | None = None):
         self.engine = engine
@@ -46,6 +50,19 @@ class ChatSession:
         """Ids of the whole conversation plus a new user turn, ready for the assistant's reply."""
         return self.engine.chat_ids(self.conversation.messages(user_text))
 
+    def _reserve(self, need: int) -> None:
+        """Make the cache hold `need` positions: it starts at what the first turn needs (never the whole context
+        up front: 34 GB for Llama-3.1-8B's 131072 positions in fp32) and at least doubles when a turn needs
+        more, up to `n_positions`, keeping the keys/values of the ids already cached."""
+        if self.cache is not None and self.cache.max_seq_len >= need:
+            return
+        old = self.cache
+        size = min(self.n_positions, max(need, 2 * old.max_seq_len if old is not None else MIN_POSITIONS))
+        cache = self.engine.new_cache(size)
+        if old is not None and self.cached_ids:
+            cache.copy_prefix(0, old, 0, len(self.cached_ids))
+        self.cache = cache
+
     def turn(self, user_text: str, request: Request = Request()) -> Iterator[Event]:
         """Add a user message and stream the assistant's reply; the turn joins the history when it finishes.
 
@@ -54,8 +71,7 @@ class ChatSession:
         """
         ids = self.prompt_ids(user_text)
         prompts.check_fits(len(ids), request.max_new_tokens, self.n_positions, "the conversation's context")
-        if self.cache is None:
-            self.cache = self.engine.new_cache(self.n_positions)
+        self._reserve(len(ids) + request.max_new_tokens)
         common = 0
         for a, b in zip(self.cached_ids, ids):
             if a != b:
