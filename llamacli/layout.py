@@ -149,6 +149,17 @@ def _read_index(index: Path) -> dict[str, str]:
     return weight_map
 
 
+def _check_inside(folder: Path, path: Path, what: str) -> None:
+    """Refuse a weight file that resolves (through symlinks) outside the checkpoint folder. The one exception is
+    a hub snapshot (`<repo>/snapshots/<rev>/`), whose files are links into the repo's own `<repo>/blobs/`."""
+    real, home = path.resolve(), folder.resolve()
+    allowed = [home]
+    if home.parent.name == "snapshots":
+        allowed.append(home.parent.parent / "blobs")
+    if not any(real.is_relative_to(a) for a in allowed):
+        raise WeightsError(f"{what} resolves to {real}, outside the checkpoint folder {home}")
+
+
 def weight_files(folder: Path) -> list[Path]:
     """The safetensors files of a checkpoint (from the index when sharded); refuses pickle-only folders."""
     folder = Path(folder)
@@ -164,8 +175,11 @@ def weight_files(folder: Path) -> list[Path]:
                 raise WeightsError(f"{index}: shard '{file}' (holding '{name}') is outside the checkpoint folder")
             if not (folder / file).is_file():
                 raise WeightsError(f"{index}: shard '{file}' (holding '{name}') is missing")
+            _check_inside(folder, folder / file, f"{index}: shard '{file}' (holding '{name}')")
         return [folder / f for f in sorted(holder)]
     files = sorted(folder.glob("*.safetensors"))
+    for path in files:
+        _check_inside(folder, path, f"{path}")
     if not files:
         pickles = [p.name for pat in PICKLE_PATTERNS for p in sorted(folder.glob(pat))]
         if pickles:

@@ -105,6 +105,14 @@ def _outside_shard(folder: Path) -> None:
     _edit_json(index, point_outside)
 
 
+def _symlink_outside(folder: Path) -> None:
+    """model.safetensors replaced by a symlink to a file outside the folder (same name, so only resolving shows it)."""
+    outside = folder.parent / f"{folder.name}-elsewhere"
+    outside.mkdir()
+    shutil.move(str(folder / "model.safetensors"), outside / "model.safetensors")
+    (folder / "model.safetensors").symlink_to(outside / "model.safetensors")
+
+
 def _absent_from_shard(folder: Path) -> None:
     _edit_json(folder / layout.INDEX_NAME, lambda d: d["weight_map"].__setitem__(
         "model.layers.0.mlp.extra.weight", sorted(d["weight_map"].values())[0]))
@@ -131,6 +139,8 @@ REFUSED = {
                 r"tensor 'model.norm.weight' is stored as int32, not a floating-point type"),
     "missing-shard": ({"shard": True}, _drop_shard, r"index.json: shard '.*' \(holding '.*'\) is missing"),
     "shard-outside": ({"shard": True}, _outside_shard, r"shard '\.\./.*' \(holding .*\) is outside the checkpoint"),
+    "symlink-outside": ({}, _symlink_outside, r"model.safetensors resolves to .*-elsewhere/model.safetensors, "
+                                              r"outside the checkpoint folder"),
     "absent-from-shard": ({"shard": True}, _absent_from_shard,
                           r"lists tensor 'model.layers.0.mlp.extra.weight' in '.*', which does not hold it"),
     "unlisted": ({"shard": True}, _unlisted, r"index.json: does not list tensor 'model.norm.weight' stored in"),
@@ -184,7 +194,7 @@ def test_inspect_and_load_model_accept_alike(tiny_checkpoint, overrides, change,
     folder = tiny_checkpoint(**overrides)
     change(folder)
     info = inspect_checkpoint(folder)
-    model = load_model(folder, device="cpu")
+    model = load_model(folder, device="cpu", runtime=False)  # the reference modules show the tie
     assert (model.lm_head.weight is model.model.embed_tokens.weight) is head_is_embedding
     assert info["parameters"] == _count(model)
     assert (info["parameters_by_kind"]["lm_head"] == 0) is head_is_embedding
@@ -238,3 +248,19 @@ def test_kv_bytes_agree_across_inspect_bench_and_cache(tiny_dir):
     per_token = info["kv_cache_bytes_per_token"]
     assert kv_bytes_per_step(model, 10, 3, torch.float16) == per_token * 30
     assert cache_bytes(model.config, 3, 10, torch.float16) == per_token * 30
+
+
+def test_a_hub_snapshot_whose_files_link_into_its_blob_store_loads(tiny_checkpoint, tmp_path):
+    """huggingface_hub lays out <repo>/snapshots/<rev>/file -> ../../blobs/<hash>: that is not 'outside'."""
+    from llamacli.weights import load_model
+
+    src = tiny_checkpoint(shard=True)
+    repo = tmp_path / "models--org--tiny"
+    snap, blobs = repo / "snapshots" / "abc123", repo / "blobs"
+    snap.mkdir(parents=True)
+    blobs.mkdir()
+    for i, f in enumerate(sorted(src.iterdir())):
+        shutil.copy(f, blobs / f"blob{i}")
+        (snap / f.name).symlink_to(Path("..") / ".." / "blobs" / f"blob{i}")
+    assert layout.weight_files(snap)
+    load_model(snap, dtype="float32", device="cpu")
