@@ -208,3 +208,13 @@ def one_query_mask(positions: int | torch.Tensor, end: int, positions_last: bool
     if positions_last:
         return decode_mask(positions, end, n_kv_heads, group, dtype)
     return causal_mask(positions, 1, end, device)
+
+
+def forward_end(cache: KVCache | None, start_pos: int | torch.Tensor, T: int, B: int) -> int:
+    """The end of a forward's positions, start_pos + T: checked against the cache (ContextOverflowError), or,
+    without a cache, a plain full forward that must start at position 0."""
+    if cache is not None:
+        return cache.check(start_pos, T, B)
+    if not (isinstance(start_pos, int) and start_pos == 0):
+        raise ValueError("a forward without a cache must start at position 0")
+    return T

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from llamacli.config import LlamaConfig
-from llamacli.kv_cache import KVCache, causal_mask
+from llamacli.kv_cache import KVCache, causal_mask, forward_end
 from llamacli.rope import RopeCache, apply_rope
 
 
@@ -147,12 +147,7 @@ class Llama(nn.Module):
         """
         B, T = tokens.shape
         device = tokens.device
-        if cache is not None:
-            end = cache.check(start_pos, T, B)
-        else:
-            if not (isinstance(start_pos, int) and start_pos == 0):
-                raise ValueError("a forward without a cache must start at position 0")
-            end = T
+        end = forward_end(cache, start_pos, T, B)
         dtype = self.dtype
         cos, sin = self.rope.tables(start_pos, T, end, device)
         cos, sin = cos.to(dtype), sin.to(dtype)

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from llamacli.config import LlamaConfig
-from llamacli.kv_cache import KVCache, causal_mask, decode_attention, one_query_mask
+from llamacli.kv_cache import KVCache, causal_mask, decode_attention, forward_end, one_query_mask
 from llamacli.model.cpu import attention_dtype, compute_dtype
 from llamacli.model.linear import Dense, LinearFormat, build_linear
 from llamacli.model.llama import Llama
@@ -130,12 +130,7 @@ class Runtime:
                  last_only: bool = False) -> torch.Tensor:
         """Logits (B, T, vocab), or (B, 1, vocab) with `last_only`, as `Llama.forward`."""
         B, T = tokens.shape
-        if cache is not None:
-            end = cache.check(start_pos, T, B)
-        else:
-            if not (isinstance(start_pos, int) and start_pos == 0):
-                raise ValueError("a forward without a cache must start at position 0")
-            end = T
+        end = forward_end(cache, start_pos, T, B)
         return self._forward([(tokens, start_pos, cache, end)], last_only)
 
     def forward_last(self, parts: list[tuple[torch.Tensor, int | torch.Tensor, KVCache]]) -> torch.Tensor:
