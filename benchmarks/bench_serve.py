@@ -121,13 +121,16 @@ def main() -> None:
     print(f"{folder.name}: {len(items)} prompts, max_new_tokens {args.max_new_tokens}, fp32 CPU, "
           f"{args.threads} threads; server --batch-size 8")
     list(generate_batch(engine, items[:4], 4))  # warm up
-    t0 = time.perf_counter()
-    batch_tokens = sum(len(f.token_ids) for _, f in generate_batch(engine, items, 8))
-    batch_tps = batch_tokens / (time.perf_counter() - t0)
-    print(f"reference: generate --prompts-file --batch-size 8 path: {batch_tokens} tokens, {batch_tps:.1f} tok/s",
-          flush=True)
-    del engine
 
+    def reference() -> float:
+        t0 = time.perf_counter()
+        tokens = sum(len(f.token_ids) for _, f in generate_batch(engine, items, 8))
+        tps = tokens / (time.perf_counter() - t0)
+        print(f"reference (the generate --prompts-file --batch-size 8 path): {tokens} tokens, {tps:.1f} tok/s",
+              file=sys.stderr, flush=True)
+        return tps
+
+    before = reference()
     proc, url = start_server(folder, args.threads)
     try:
         asyncio.run(load_level(url, prompts[:4], 4, 8))  # warm up the server
@@ -139,6 +142,9 @@ def main() -> None:
     finally:
         proc.terminate()
         proc.wait(60)
+    after = reference()  # before and after the server runs: a busy spell on a shared machine shows as a spread
+    batch_tps = (before + after) / 2
+    print(f"reference batch 8: {before:.1f} tok/s before, {after:.1f} after; x batch8 is against their mean")
     print(f"{'clients':>7} {'tokens':>6} {'tok/s':>7} {'x batch8':>8} {'TTFT p50':>9} {'TTFT p95':>9} "
           f"{'ITL p50':>8} {'ITL p95':>8}")
     for r in rows:

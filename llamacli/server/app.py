@@ -221,6 +221,8 @@ def create_app(worker: Worker, model_name: str, *, api_key: str | None = None, c
                 yield sse(openai.usage_chunk(reply, n_prompt, sub.finished))
             yield "data: [DONE]\n\n"
             done = True
+        except Exception as exc:  # the engine failed mid-stream: say so in the stream, OpenAI-shaped
+            yield sse(ApiError(500, f"{type(exc).__name__}: {exc}", type="server_error").body())
         finally:
             if not done:
                 sub.cancel()  # the client went away (or we stopped): free the slots at the next step
@@ -292,7 +294,10 @@ class Server(uvicorn.Server):
             asyncio.get_running_loop().create_task(self._announce())
 
     async def _announce(self) -> None:
-        await asyncio.get_running_loop().run_in_executor(None, self.worker.ready.wait)
+        while not self.worker.ready.is_set():  # polled, not waited on in a thread: Ctrl-C while loading exits
+            if self.should_exit:
+                return
+            await asyncio.sleep(0.05)
         if self.worker.load_error is not None:
             self.should_exit = True
             return
