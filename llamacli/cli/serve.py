@@ -35,9 +35,11 @@ def read_api_key(api_key: Optional[str], api_key_file: Optional[Path]) -> Option
 def default_model_name(model: str) -> str:
     """What clients send as `model` unless --model-name says: a folder's or file's name, or the hub id."""
     path = Path(model)
-    if path.exists():
-        return path.resolve().stem if path.suffix.lower() == ".gguf" else path.resolve().name
-    return model
+    if not path.exists():
+        return model
+    if path.name in ("", ".", ".."):  # the folder as named by the user, not a symlink's target
+        path = path.resolve()
+    return path.stem if path.suffix.lower() == ".gguf" else path.name
 
 
 @app.command()
