@@ -10,17 +10,24 @@ from llamacli.errors import UsageError
 
 # Why a generation ended: an eos id or a stop string, the max_new_tokens budget, or the caller cancelled it.
 STOP, LENGTH, CANCELLED = "stop", "length", "cancelled"
+MAX_TOP_LOGPROBS = 20  # OpenAI's limit on top_logprobs
 
 
 @dataclass(frozen=True)
 class SamplingParams:
-    """How to pick tokens. temperature 0 = greedy; top_k 0, top_p 1, min_p 0, penalty 1 = off."""
+    """How to pick tokens. temperature 0 = greedy; top_k 0, top_p 1, min_p 0, penalty 1 = off.
+
+    presence_penalty / frequency_penalty (OpenAI's, in [-2, 2], 0 = off) subtract from the logit of each token
+    already generated: once, and once per time it was generated.
+    """
 
     temperature: float = 0.0
     top_k: int = 0
     top_p: float = 1.0
     min_p: float = 0.0
     repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
 
     def __post_init__(self):
         validate_sampling(self)
@@ -37,7 +44,7 @@ def validate_sampling(p: SamplingParams) -> None:
         if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
             raise UsageError(f"{name} must be a number, got {value!r}")
 
-    for name in ("temperature", "top_p", "min_p", "repetition_penalty"):
+    for name in ("temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty"):
         number(getattr(p, name), name.replace("_", "-"))
     if p.temperature < 0:
         raise UsageError(f"temperature must be >= 0, got {p.temperature}")
@@ -49,6 +56,9 @@ def validate_sampling(p: SamplingParams) -> None:
         raise UsageError(f"min-p must be in [0, 1], got {p.min_p}")
     if p.repetition_penalty <= 0:
         raise UsageError(f"repetition-penalty must be > 0, got {p.repetition_penalty}")
+    for name in ("presence_penalty", "frequency_penalty"):
+        if not -2 <= getattr(p, name) <= 2:
+            raise UsageError(f"{name.replace('_', '-')} must be in [-2, 2], got {getattr(p, name)}")
 
 
 def check_seed(seed) -> None:
@@ -69,6 +79,7 @@ class Request:
     stop: tuple[str, ...] = ()
     ignore_eos: bool = False
     logprobs: bool = False
+    top_logprobs: int = 0  # with logprobs: also the k most likely tokens at each step (0..20)
 
     def __post_init__(self):
         if isinstance(self.max_new_tokens, bool) or not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
@@ -76,6 +87,11 @@ class Request:
         if isinstance(self.stop, str) or any(not isinstance(s, str) or not s for s in self.stop):
             raise UsageError("stop strings must be non-empty text")
         check_seed(self.seed)
+        if isinstance(self.top_logprobs, bool) or not isinstance(self.top_logprobs, int) or \
+                not 0 <= self.top_logprobs <= MAX_TOP_LOGPROBS:
+            raise UsageError(f"top-logprobs must be an integer in [0, {MAX_TOP_LOGPROBS}], got {self.top_logprobs!r}")
+        if self.top_logprobs and not self.logprobs:
+            raise UsageError("top-logprobs needs logprobs")
 
 
 @dataclass
@@ -127,6 +143,7 @@ class TokenEvent(TextEvent):
 
     token_id: int = -1
     logprob: float | None = None
+    top_logprobs: list[tuple[int, float]] | None = None  # (token id, log-probability), most likely first
 
 
 @dataclass
@@ -138,6 +155,7 @@ class Finished:
     token_ids: list[int]
     logprobs: list[float] | None
     stats: Stats
+    top_logprobs: list[list[tuple[int, float]]] | None = None  # per token, when the request asked for them
 
 
 Event = TextEvent | Finished

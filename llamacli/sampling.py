@@ -1,6 +1,7 @@
 """Choosing the next token: the pure function `sample` over `request.SamplingParams`.
 
-Order of processing, as in transformers' generate: repetition penalty, temperature, top-k, top-p, min-p.
+Order of processing, as in transformers' generate: repetition penalty (then OpenAI's presence and frequency
+penalties, as vLLM applies them), temperature, top-k, top-p, min-p.
 Greedy (temperature 0) is `argmax` of the penalised logits, never a tiny temperature.
 """
 
@@ -20,6 +21,17 @@ def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: 
         return logits
     penalised = torch.where(logits > 0, logits / penalty, logits * penalty)
     return torch.where(seen, penalised, logits)
+
+
+def apply_count_penalties(logits: torch.Tensor, counts: torch.Tensor, presence: float,
+                          frequency: float) -> torch.Tensor:
+    """OpenAI's penalties: subtract `presence` from each generated token's logit, and `frequency` x its count.
+
+    `counts` (V,) holds how many times each token was generated so far (the prompt does not count).
+    """
+    if presence == 0 and frequency == 0:
+        return logits
+    return logits - presence * (counts > 0).to(logits.dtype) - frequency * counts.to(logits.dtype)
 
 
 def filter_logits(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:
@@ -46,10 +58,12 @@ def filter_logits(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:
 
 
 def sample(logits: torch.Tensor, p: SamplingParams, generator: torch.Generator | None = None,
-           seen: torch.Tensor | None = None) -> int:
-    """Pick the next token id from one row of logits (V,)."""
+           seen: torch.Tensor | None = None, counts: torch.Tensor | None = None) -> int:
+    """Pick the next token id from one row of logits (V,); `seen` (bool) and `counts` feed the penalties."""
     if seen is not None:
         logits = apply_repetition_penalty(logits, seen, p.repetition_penalty)
+    if counts is not None:
+        logits = apply_count_penalties(logits, counts, p.presence_penalty, p.frequency_penalty)
     if p.greedy:
         return int(torch.argmax(logits))
     probs = torch.softmax(filter_logits(logits, p), dim=-1)

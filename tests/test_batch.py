@@ -361,7 +361,7 @@ def test_a_cancelled_queued_request_never_runs(engine):
 
 
 def test_a_request_that_cannot_fit_the_rows_is_refused_at_add(engine):
-    from llamacli.generation import Scheduler
+    from llamacli.generation import Finished, Scheduler
 
     sched = Scheduler(engine, max_rows=2, max_positions=20)
     with pytest.raises(ContextOverflowError, match=r"prompt \(15 tokens\) \+ max-new-tokens \(10\) = 25 exceeds "
@@ -761,3 +761,73 @@ def test_dynamic_rope_rows_past_the_trained_length_do_not_depend_on_their_batch_
         results = dict(dyn.stream_batch(items, 2))
         for key, ids, req in items:
             assert results[key].token_ids == dyn.generate(ids, req).token_ids, (runtime, key)
+
+# -- what the server needs: penalties, top logprobs, n choices of one prompt -----------------------------------
+
+
+def test_frequency_penalty_keeps_greedy_off_repeats(engine):
+    """A strong frequency penalty never repeats a token within a run; greedy without one does (tiny model)."""
+    prompt = [5, 6, 7]
+    plain = engine.generate(prompt, Request(max_new_tokens=30, ignore_eos=True)).token_ids
+    assert len(set(plain)) < len(plain)
+    strong = SamplingParams(frequency_penalty=2.0, presence_penalty=2.0)
+    penalised = engine.generate(prompt, Request(max_new_tokens=30, ignore_eos=True, sampling=strong)).token_ids
+    assert penalised != plain
+    # The same penalties in a batch (which skips the batched argmax for these rows) give the same tokens.
+    batch = dict(engine.stream_batch([(0, prompt, Request(max_new_tokens=30, ignore_eos=True, sampling=strong)),
+                                      (1, [9, 9], Request(max_new_tokens=10))], 2))
+    assert batch[0].token_ids == penalised
+
+
+def test_top_logprobs_are_the_k_most_likely_with_the_chosen_logprob(engine):
+    done = engine.generate([3, 4, 5], Request(max_new_tokens=6, logprobs=True, top_logprobs=3, ignore_eos=True))
+    assert len(done.top_logprobs) == len(done.token_ids) == 6
+    for token, lp, top in zip(done.token_ids, done.logprobs, done.top_logprobs):
+        assert len(top) == 3 and [v for _, v in top] == sorted((v for _, v in top), reverse=True)
+        assert top[0] == (token, pytest.approx(lp))  # greedy: the chosen token is the most likely
+    with pytest.raises(UsageError, match="top-logprobs needs logprobs"):
+        Request(top_logprobs=2)
+    with pytest.raises(UsageError, match=r"top-logprobs must be an integer in \[0, 20\]"):
+        Request(logprobs=True, top_logprobs=21)
+
+
+def test_n_choices_share_one_prefill_and_each_equals_its_single_run(engine):
+    from llamacli.generation import Finished, Scheduler
+
+    prompt = list(range(10, 40))
+    reqs = [Request(max_new_tokens=12, sampling=SamplingParams(temperature=1.2), seed=s, ignore_eos=True)
+            for s in (1, 2, 3)]
+    singles = [engine.generate(prompt, r) for r in reqs]
+    sched = Scheduler(engine, max_rows=4, max_positions=64)
+    other = sched.add([7, 8, 9], Request(max_new_tokens=20, ignore_eos=True))  # running beside them
+    sched.step()
+    ids = sched.add_choices(prompt, reqs)
+    results = {}
+    while not sched.idle:
+        results.update((sid, e) for sid, e in sched.step() if isinstance(e, Finished))
+    for sid, single in zip(ids, singles):
+        assert results[sid].token_ids == single.token_ids
+        assert results[sid].text == single.text
+    prefilled = [results[sid].stats.prefill_tokens for sid in ids]
+    assert prefilled == [len(prompt), 0, 0]  # one prefill for the three
+    assert other in results
+    with pytest.raises(UsageError, match=r"n must be in \[1, 4\]"):
+        sched.add_choices(prompt, reqs + reqs)
+
+
+def test_cancelling_a_waiting_choice_keeps_the_others(engine):
+    from llamacli.generation import Finished, Scheduler
+
+    prompt = [11, 12, 13, 14]
+    reqs = [Request(max_new_tokens=5, ignore_eos=True) for _ in range(3)]
+    sched = Scheduler(engine, max_rows=3, max_positions=32)
+    first, second, third = sched.add_choices(prompt, reqs)
+    assert sched.queued == 3
+    sched.cancel(first)
+    results = {}
+    while not sched.idle:
+        results.update((sid, e) for sid, e in sched.step() if isinstance(e, Finished))
+    assert results[first].reason == "cancelled" and results[first].token_ids == []
+    single = engine.generate(prompt, reqs[0]).token_ids
+    assert results[second].token_ids == results[third].token_ids == single
+    assert results[second].stats.prefill_tokens == len(prompt) and results[third].stats.prefill_tokens == 0

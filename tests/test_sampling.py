@@ -84,3 +84,26 @@ def test_repetition_penalty_matches_transformers():
     seen[history[0]] = True
     ref = RepetitionPenaltyLogitsProcessor(1.3)(history, logits.clone())
     torch.testing.assert_close(apply_repetition_penalty(logits[0], seen, 1.3), ref[0])
+
+
+# -- OpenAI's presence / frequency penalties ---------------------------------------------------------------------
+
+
+def test_presence_and_frequency_penalties_subtract_per_generated_token():
+    from llamacli.sampling import apply_count_penalties
+
+    logits = torch.tensor([1.0, 1.0, 1.0, 1.0])
+    counts = torch.tensor([0.0, 1.0, 3.0, 0.0])
+    out = apply_count_penalties(logits, counts, presence=0.5, frequency=0.25)
+    assert out.tolist() == [1.0, 1.0 - 0.5 - 0.25, 1.0 - 0.5 - 0.75, 1.0]
+    # A greedy pick moves off a token generated often enough, and a negative penalty favours it.
+    peaked = torch.tensor([2.0, 1.9, 0.0])
+    assert sample(peaked, SamplingParams(frequency_penalty=0.2), counts=torch.tensor([1.0, 0.0, 0.0])) == 1
+    assert sample(peaked, SamplingParams(presence_penalty=-1.0), counts=torch.tensor([0.0, 1.0, 0.0])) == 1
+    assert sample(peaked, SamplingParams(presence_penalty=2.0), counts=torch.zeros(3)) == 0
+
+
+@pytest.mark.parametrize("name", ["presence_penalty", "frequency_penalty"])
+def test_count_penalties_are_in_openai_range(name):
+    with pytest.raises(UsageError, match=name.replace("_", "-") + r" must be in \[-2, 2\]"):
+        SamplingParams(**{name: 2.5})

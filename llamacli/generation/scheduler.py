@@ -12,7 +12,9 @@ prefill almost for free instead of waiting for it. Each row is a `Sequence` (its
 max_new_tokens); a finished slot takes the next waiting prompt at the next step, and when none is waiting the
 last active row moves into a hole so the active rows stay 0..n-1 (one attention call per layer). A prompt prefix
 shared by every prompt of a job (a system prompt, a few-shot header) can be prefilled once (`share_prefix`);
-each new row that starts with it copies its keys/values and prefills only the rest.
+each new row that starts with it copies its keys/values and prefills only the rest. `add_choices` queues n
+requests on one prompt (OpenAI's `n`): they are admitted together, the first row prefills the prompt, the others
+copy its keys/values and start from the same logits, so each choice is what a single run with its seed gives.
 """
 
 from __future__ import annotations
@@ -35,18 +37,21 @@ SHARED_PREFIX_MIN = 16  # a prefix all prompts share is prefilled once when it i
 
 
 def plan_admissions(free_slots: list[int], waiting_prefill: Iterable[int],
-                    budget: int = PREFILL_TOKENS_PER_STEP) -> list[int]:
+                    budget: int = PREFILL_TOKENS_PER_STEP, widths: Iterable[int] | None = None) -> list[int]:
     """The admission policy: which free slots (lowest first) take the next waiting prompts, in queue order.
 
-    `waiting_prefill` gives each waiting prompt's tokens to prefill. Prompts are admitted while their total
-    stays within `budget`, and always at least one (however long), so that a long prompt cannot starve.
+    `waiting_prefill` gives each waiting prompt's tokens to prefill, `widths` the rows each takes (n choices of
+    one prompt take n together; default 1): the slots of each admitted prompt come out consecutively. Prompts are
+    admitted while their total stays within `budget`, and always at least one (however long), so that a long
+    prompt cannot starve.
     """
+    free = list(free_slots)
     admitted: list[int] = []
     tokens = 0
-    for slot, n in zip(free_slots, waiting_prefill):
-        if admitted and tokens + n > budget:
+    for n, width in zip(waiting_prefill, itertools.repeat(1) if widths is None else widths):
+        if len(admitted) + width > len(free) or (admitted and tokens + n > budget):
             break
-        admitted.append(slot)
+        admitted += free[len(admitted):len(admitted) + width]
         tokens += n
     return admitted
 
@@ -55,12 +60,19 @@ class _Row:
     """A request in the queue or in a slot. Its `Sequence` (sampler state, a vocabulary-sized penalty mask) is
     made when it is admitted, so a long queue costs only its prompts; times still count from `add`."""
 
-    __slots__ = ("sid", "ids", "request", "prefix", "added_at", "seq")
+    __slots__ = ("sid", "ids", "request", "prefix", "added_at", "seq", "followers", "leader")
 
     def __init__(self, sid: int, ids: list[int], request: Request, prefix: int):
         self.sid, self.ids, self.request, self.prefix = sid, ids, request, prefix
         self.added_at = time.perf_counter()
         self.seq: Sequence | None = None
+        self.followers: list[_Row] = []  # the other choices of this prompt, admitted with it (add_choices)
+        self.leader: int | None = None  # for a follower once admitted: the slot whose prefill it copies
+
+    @property
+    def group(self) -> list["_Row"]:
+        """This row and its followers: the rows admitted together."""
+        return [self, *self.followers]
 
     @property
     def prefill_tokens(self) -> int:
@@ -70,8 +82,8 @@ class _Row:
     def start(self, engine) -> Sequence:
         """Make (once) the request's Sequence."""
         if self.seq is None:
-            self.seq = engine.sequence(self.ids, self.request, prefill_tokens=self.prefill_tokens,
-                                       started_at=self.added_at)
+            n_prefill = 0 if self.leader is not None else self.prefill_tokens
+            self.seq = engine.sequence(self.ids, self.request, prefill_tokens=n_prefill, started_at=self.added_at)
         return self.seq
 
 
@@ -99,15 +111,26 @@ class Scheduler:
 
     def add(self, prompt_ids: list[int], request: Request) -> int:
         """Queue a request; return its id. ContextOverflowError now if it can never fit the cache's positions."""
-        prompts.check_fits(len(prompt_ids), request.max_new_tokens, self.engine.config.context_length)
-        prompts.check_fits(len(prompt_ids), request.max_new_tokens, self.max_positions,
-                           "a batch row's context")
+        return self.add_choices(prompt_ids, [request])[0]
+
+    def add_choices(self, prompt_ids: list[int], requests: list[Request]) -> list[int]:
+        """Queue n requests on one prompt that share its prefill (see the module doc); return their ids.
+
+        ContextOverflowError if one can never fit the cache's positions; UsageError for more than `max_rows`.
+        """
+        if not 1 <= len(requests) <= self.max_rows:
+            raise UsageError(f"n must be in [1, {self.max_rows}] (the batch size), got {len(requests)}")
+        for request in requests:
+            prompts.check_fits(len(prompt_ids), request.max_new_tokens, self.engine.config.context_length)
+            prompts.check_fits(len(prompt_ids), request.max_new_tokens, self.max_positions,
+                               "a batch row's context")
         prefix_ids, _ = self._prefix
         n = len(prefix_ids)
         prefix = n if n and len(prompt_ids) > n and prompt_ids[:n] == prefix_ids else 0
-        sid = next(self._ids)
-        self.waiting.append(_Row(sid, list(prompt_ids), request, prefix))
-        return sid
+        rows = [_Row(next(self._ids), list(prompt_ids), request, prefix) for request in requests]
+        rows[0].followers = rows[1:]
+        self.waiting.append(rows[0])
+        return [row.sid for row in rows]
 
     def cancel(self, sid: int) -> None:
         """Stop a request: its slot (or its place in the queue) is freed at the next step, which reports its
@@ -118,6 +141,11 @@ class Scheduler:
     def idle(self) -> bool:
         """True when no request is running or waiting."""
         return not self.waiting and not any(self.slots)
+
+    @property
+    def queued(self) -> int:
+        """Requests waiting for a slot (each of n choices counts)."""
+        return sum(1 + len(row.followers) for row in self.waiting)
 
     @property
     def active(self) -> int:
@@ -158,8 +186,17 @@ class Scheduler:
         """One forward: decode every active row and prefill admitted prompts; (id, event) for each row that moved."""
         events = self._apply_cancellations()
         free = [i for i, s in enumerate(self.slots) if s is None]
-        admitted = plan_admissions(free, (w.prefill_tokens for w in self.waiting), self.prefill_budget)
-        new = {slot: self.waiting.popleft() for slot in admitted}
+        admitted = plan_admissions(free, (w.prefill_tokens for w in self.waiting), self.prefill_budget,
+                                   (1 + len(w.followers) for w in self.waiting))
+        new: dict[int, _Row] = {}
+        slots = iter(admitted)
+        while len(new) < len(admitted):
+            leader = self.waiting.popleft()
+            for row in leader.group:
+                new[next(slots)] = row
+            leader_slot = min(s for s, r in new.items() if r is leader)
+            for row in leader.followers:
+                row.leader = leader_slot
         if new or any(self.slots):
             events += self._forward(new)
         if not self.waiting:  # nothing left to fill holes with: keep the active rows contiguous
@@ -174,16 +211,27 @@ class Scheduler:
             if row is not None and row.sid in self._cancelled:
                 events += [(row.sid, e) for e in row.seq.cancel()]
                 self.slots[i] = None
-        for row in [w for w in self.waiting if w.sid in self._cancelled]:
-            self.waiting.remove(row)
-            events += [(row.sid, e) for e in row.start(self.engine).cancel()]
+        for k, leader in enumerate(list(self.waiting)):
+            group = leader.group
+            keep = [r for r in group if r.sid not in self._cancelled]
+            if len(keep) == len(group):
+                continue
+            for row in group:
+                if row.sid in self._cancelled:
+                    events += [(row.sid, e) for e in row.start(self.engine).cancel()]
+            if keep:  # the first choice left prefills for the others
+                keep[0].followers = keep[1:]
+            self.waiting[k] = keep[0] if keep else None
+        self.waiting = deque(w for w in self.waiting if w is not None)
         self._cancelled.clear()
         return events
 
     def _forward(self, new: dict[int, _Row]) -> list[tuple[int, Event]]:
         device = self.engine.device
         cache = self.cache
-        order: list[tuple[int, _Row, bool]] = []  # (slot, row, is_new) in the order of the logits rows
+        order: list[tuple[int, _Row, bool, int]] = []  # (slot, row, is_new, its logits row)
+        at: dict[int, int] = {}  # a new row's slot -> its logits row
+        copies: list[tuple[int, int, int]] = []  # (follower slot, leader slot, prompt positions)
         parts = []
         run: list[int] = []  # a contiguous run of decoding slots, forming one part
 
@@ -194,7 +242,8 @@ class Scheduler:
                 # Rows all at one position need no mask (and then match a single-row forward bit for bit).
                 start = positions[0] if min(positions) == max(positions) else torch.tensor(positions, device=device)
                 parts.append((tokens, start, cache.rows(run[0], run[-1] + 1)))
-                order.extend((i, self.slots[i], False) for i in run)
+                base = sum(p[0].shape[0] for p in parts[:-1])  # logits rows before this part
+                order.extend((i, self.slots[i], False, base + k) for k, i in enumerate(run))
                 run.clear()
 
         for i, row in enumerate(self.slots):
@@ -205,20 +254,28 @@ class Scheduler:
             if i in new:
                 row = new[i]
                 row.start(self.engine)
+                if row.leader is not None:  # another choice of the leader's prompt: same prefill, same logits
+                    order.append((i, row, True, at[row.leader]))
+                    copies.append((i, row.leader, len(row.ids)))
+                    continue
                 n = row.prefix
                 if n:  # the shared prefix's keys/values are computed: copy them, prefill the rest
                     cache.copy_prefix(i, self._prefix[1], 0, n)
-                order.append((i, row, True))
+                at[i] = sum(p[0].shape[0] for p in parts)  # a prefill part gives one logits row
+                order.append((i, row, True, at[i]))
                 parts.append((torch.tensor([row.ids[n:]], device=device), n, cache.rows(i, i + 1)))
         close_run()
 
         self.steps += 1
         self.max_active = max(self.max_active, len(order))
         logits = self.engine.model.forward_last(parts).float().cpu()  # (rows, V)
-        greedy = torch.argmax(logits, dim=-1).tolist() if any(r.seq.plain_greedy for _, r, _ in order) else None
-        logprobs = torch.log_softmax(logits, dim=-1) if any(r.seq.logprobs is not None for _, r, _ in order) else None
+        for dst, src, n_positions in copies:  # the leaders' keys/values are written now
+            cache.copy_prefix(dst, cache, src, n_positions)
+        greedy = torch.argmax(logits, dim=-1).tolist() if any(r.seq.plain_greedy for _, r, _, _ in order) else None
+        logprobs = (torch.log_softmax(logits, dim=-1) if any(r.seq.logprobs is not None for _, r, _, _ in order)
+                    else None)
         events = []
-        for j, (i, row, is_new) in enumerate(order):
+        for i, row, is_new, j in order:
             seq = row.seq
             if is_new:
                 self.slots[i] = row

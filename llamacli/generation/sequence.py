@@ -61,18 +61,21 @@ class Sequence:
         self.prompt_ids = prompt_ids
         self.request = request
         self.params = request.sampling
-        # Greedy rows without a repetition penalty can take a batched argmax; the others go through `sample`.
-        self.plain_greedy = self.params.greedy and self.params.repetition_penalty == 1.0
+        # Greedy rows without a penalty can take a batched argmax; the others go through `sample`.
+        counted = self.params.presence_penalty != 0 or self.params.frequency_penalty != 0
+        self.plain_greedy = self.params.greedy and self.params.repetition_penalty == 1.0 and not counted
         self.generator = None if self.params.greedy else make_generator(request.seed)
         self.seen = None
         if self.params.repetition_penalty != 1.0:
             self.seen = torch.zeros(vocab_size, dtype=torch.bool)
             self.seen[torch.tensor(prompt_ids)] = True
+        self.counts = torch.zeros(vocab_size, dtype=torch.float32) if counted else None  # generated, per token
         self.stop_ids = frozenset() if request.ignore_eos else eos_ids
         self.decoder = tokenizer.stream_decoder(skip_special_tokens=True) if tokenizer is not None else None
         self.matcher = StopMatcher(request.stop)
         self.token_ids: list[int] = []
         self.logprobs: list[float] | None = [] if request.logprobs else None
+        self.top_logprobs: list[list[tuple[int, float]]] | None = [] if request.top_logprobs else None
         self.text_parts: list[str] = []
         n_prefill = len(prompt_ids) if prefill_tokens is None else prefill_tokens
         self.stats = Stats(prompt_tokens=len(prompt_ids), prefill_tokens=n_prefill)
@@ -103,19 +106,23 @@ class Sequence:
         """The next token from one row of fp32 CPU logits (V,); `greedy_token` is a batched argmax, if computed."""
         if self.plain_greedy and greedy_token is not None:
             return greedy_token
-        return sample(logits, self.params, self.generator, self.seen)
+        return sample(logits, self.params, self.generator, self.seen, self.counts)
 
     def step(self, logits: torch.Tensor, greedy_token: int | None = None,
              logprobs: torch.Tensor | None = None) -> list[Event]:
         """Pick the next token from `logits` (V,) and accept it; `logprobs` is its log-softmax if already taken."""
         token = self.pick(logits, greedy_token)
-        lp = None
+        lp = top = None
         if self.logprobs is not None:
             row = logprobs if logprobs is not None else torch.log_softmax(logits, dim=-1)
             lp = float(row[token])
-        return self.accept(token, lp)
+            if self.top_logprobs is not None:
+                values, ids = torch.topk(row, min(self.request.top_logprobs, row.shape[-1]))
+                top = list(zip(ids.tolist(), values.tolist()))
+        return self.accept(token, lp, top)
 
-    def accept(self, token: int, logprob: float | None = None) -> list[Event]:
+    def accept(self, token: int, logprob: float | None = None,
+               top_logprobs: list[tuple[int, float]] | None = None) -> list[Event]:
         """Record a chosen token: its TokenEvent, and the closing events when it ends the sequence."""
         if self.done:
             raise RuntimeError("a finished sequence accepts no more tokens")
@@ -126,13 +133,18 @@ class Sequence:
         self.token_ids.append(token)
         if self.logprobs is not None:
             self.logprobs.append(logprob)
+        if self.top_logprobs is not None:
+            self.top_logprobs.append(top_logprobs or [])
         if self.seen is not None:
             self.seen[token] = True
+        if self.counts is not None and token < self.counts.shape[0]:
+            self.counts[token] += 1
         stopped = token in self.stop_ids
         piece = "" if (stopped or self.decoder is None) else self.decoder.add(token)
         piece, self._stop_hit = self.matcher.feed(piece)
         self.text_parts.append(piece)
-        events: list[Event] = [TokenEvent(text=piece, token_id=token, logprob=logprob)]
+        events: list[Event] = [TokenEvent(text=piece, token_id=token, logprob=logprob,
+                                                 top_logprobs=top_logprobs)]
         if stopped or self._stop_hit:
             events += self._finish(STOP)
         elif len(self.token_ids) >= self.request.max_new_tokens:
@@ -158,5 +170,6 @@ class Sequence:
         self.reason = reason
         self.stats.generated_tokens = len(self.token_ids)
         self.stats.decode_s = time.perf_counter() - self._t_first if self.token_ids else 0.0
-        events.append(Finished(reason, "".join(self.text_parts), self.token_ids, self.logprobs, self.stats))
+        events.append(Finished(reason, "".join(self.text_parts), self.token_ids, self.logprobs, self.stats,
+                               self.top_logprobs))
         return events
