@@ -50,7 +50,11 @@ def imported(path: Path, name: str) -> set[str]:
         if isinstance(node, ast.Import):
             names = [a.name for a in node.names]
         elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-            names = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+            # `from llamacli.pkg import mod` imports the module pkg.mod; `from llamacli.pkg import name` the package.
+            subs = [f"{node.module}.{a.name}" for a in node.names]
+            names = [n for n in subs if n.removeprefix("llamacli.") in modules_cache]
+            if len(names) < len(subs):
+                names.append(node.module)
         else:
             continue
         for full in names:
