@@ -63,7 +63,7 @@ def generate(
 ) -> None:
     """Generate text after a prompt, streamed to stdout (status and stats go to stderr)."""
     with errors():
-        check_sampling(temperature, top_k, top_p, min_p, repetition_penalty)
+        check_sampling(temperature, top_k, top_p, min_p, repetition_penalty, seed=seed, system=system, stop=stop)
         if raw and system:
             raise UsageError("--system needs the chat template; it cannot be used with --raw")
         if logprobs and not as_json and prompts_file is None:
