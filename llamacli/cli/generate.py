@@ -90,7 +90,8 @@ def generate(
         if not raw and engine.chat_template is None:
             raise TokenizerError("this model has no chat template: pass --raw to send the prompt as it is, "
                                  "or --chat-template FILE")
-        ids = encode_prompt(engine.tokenizer, engine.chat_template, prompt=text, system=system, raw=raw)
+        ids = encode_prompt(engine.tokenizer, engine.chat_template, prompt=text, system=system, raw=raw,
+                            config=engine.config)
         if max_new_tokens is None:  # the default is capped to what the context has left after this prompt
             room = engine.config.context_length - len(ids)
             request = replace(request, max_new_tokens=default_max_new_tokens(gen, room))
