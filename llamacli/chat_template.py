@@ -69,9 +69,12 @@ def load_chat_template(folder, override_file=None) -> ChatTemplate | None:
     if not config_file.is_file():
         return None
     try:
-        template = json.loads(config_file.read_text(encoding="utf-8")).get("chat_template")
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError) as exc:
-        raise TokenizerError(f"cannot read {config_file}: {exc}") from exc
+        template = json.loads(decode_text(config_file.read_bytes(), str(config_file), TokenizerError))
+    except OSError as exc:
+        raise TokenizerError(f"cannot read {config_file}: {exc.strerror or exc}") from None
+    except json.JSONDecodeError as exc:
+        raise TokenizerError(f"{config_file}: malformed JSON at line {exc.lineno} column {exc.colno}: {exc.msg}") from None
+    template = template.get("chat_template") if isinstance(template, dict) else None
     if isinstance(template, list):  # named templates: [{"name": "default", "template": ...}, {"name": "tool_use"...}]
         named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
         template = named.get("default")

@@ -131,7 +131,7 @@ class LlamaConfig:
             head_dim=head_dim,
             ffn_dim=f.int("intermediate_size", required=True),
             vocab_size=vocab_size,
-            norm_eps=f.number("rms_norm_eps", 1e-6, positive=True),
+            norm_eps=f.number("rms_norm_eps", 1e-6, positive=True, maximum=1.0),
             rope_theta=rope_theta,
             rope_scaling=rope_scaling,
             max_seq_len=max_seq_len,
@@ -149,6 +149,7 @@ class LlamaConfig:
 
 
 _ABSENT = object()
+FLOAT32_MAX = 3.4028234663852886e38
 
 
 class _Fields:
@@ -187,10 +188,13 @@ class _Fields:
             return default
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
             raise self.fail(key, "a finite number", value)
+        if abs(value) > FLOAT32_MAX:  # RoPE tables and norms are computed in float32: it would become inf
+            raise self.fail(key, "a number within float32's range", value)
         if positive and value <= 0:
             raise self.fail(key, "a positive number", value)
         if (minimum is not None and value < minimum) or (maximum is not None and value > maximum):
-            raise self.fail(key, f"a number in [{minimum}, {maximum}]", value)
+            low = "(0" if positive else f"[{minimum}"
+            raise self.fail(key, f"a number in {low}, {maximum}]", value)
         return float(value)
 
     def bool(self, key: str, default: bool) -> bool:

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Iterable
 
 from llamacli.errors import InputError, TokenizerError
+from llamacli.text import decode_text
 
 _SPIECE_SPACE = "\u2581"  # SentencePiece's visible space, "▁"
 
@@ -74,9 +75,11 @@ def _read_json(path: Path) -> dict:
     if not path.is_file():
         return {}
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise TokenizerError(f"cannot read {path}: {exc}") from exc
+        data = json.loads(decode_text(path.read_bytes(), str(path), TokenizerError))
+    except OSError as exc:
+        raise TokenizerError(f"cannot read {path}: {exc.strerror or exc}") from None
+    except json.JSONDecodeError as exc:
+        raise TokenizerError(f"{path}: malformed JSON at line {exc.lineno} column {exc.colno}: {exc.msg}") from None
     if not isinstance(data, dict):
         raise TokenizerError(f"{path} should hold a JSON object")
     return data
