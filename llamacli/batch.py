@@ -33,7 +33,7 @@ from typing import Callable, Iterator, TextIO
 from llamacli import prompts
 from llamacli.errors import InputError, LlamaCliError, UsageError
 from llamacli.request import Request, SamplingParams, check_seed
-from llamacli.text import check_text, text_problem
+from llamacli.text import check_text, check_texts, text_problem
 
 OVERRIDES = ("max_new_tokens", "temperature", "top_p", "top_k", "seed", "stop", "system")
 JSONL_SUFFIXES = (".jsonl", ".ndjson", ".json")
@@ -220,21 +220,8 @@ def _check_messages(messages) -> list[dict]:
     for i, m in enumerate(messages):
         if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
             raise UsageError(f"messages[{i}] must be an object with string 'role' and 'content', got {m!r}")
-        _check_strings(m, f"messages[{i}]")  # every field of a message reaches the chat template
+        check_texts(m, f"messages[{i}]", UsageError)  # every field of a message reaches the chat template
     return messages
-
-
-def _check_strings(value, where: str) -> None:
-    """UsageError naming the field when any string in `value` (keys included, at any depth) is not valid text."""
-    if isinstance(value, str):
-        check_text(value, where, UsageError)
-    elif isinstance(value, dict):
-        for k, v in value.items():
-            _check_strings(k, f"a key of {where}")
-            _check_strings(v, f"{where}[{k!r}]" if text_problem(str(k)) is None else where)
-    elif isinstance(value, list):
-        for i, v in enumerate(value):
-            _check_strings(v, f"{where}[{i}]")
 
 
 def _check_overrides(o: dict) -> dict:
@@ -246,7 +233,7 @@ def _check_overrides(o: dict) -> dict:
         stop = [stop] if isinstance(stop, str) else stop
         if not isinstance(stop, list) or any(not isinstance(s, str) or not s for s in stop):
             raise UsageError(f"stop must be a non-empty string or a list of them, got {o['stop']!r}")
-        _check_strings(stop, "stop")
+        check_texts(stop, "stop", UsageError)
         o["stop"] = tuple(stop)
     if "system" in o and not isinstance(o["system"], str):
         raise UsageError(f"system must be a string, got {o['system']!r}")

@@ -3,7 +3,8 @@
 The environment matches transformers' `apply_chat_template` (ImmutableSandboxedEnvironment, trim_blocks,
 lstrip_blocks, loopcontrols, its `tojson`, `raise_exception`, `strftime_now`, `dict`, `namespace`), so the
 rendered text is the same. Templates come from the Hub and are untrusted: the sandbox keeps them away from
-Python internals and files, and every failure becomes a `TokenizerError`.
+Python internals and files, bounds their work (loop iterations, characters made) and the length of every value
+they make, and every failure becomes a `TokenizerError` naming where the template came from.
 """
 
 from __future__ import annotations

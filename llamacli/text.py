@@ -26,6 +26,19 @@ def check_text(value: str, where: str, error: type[LlamaCliError] = InputError) 
     return value
 
 
+def check_texts(value, where: str, error: type[LlamaCliError] = InputError) -> None:
+    """`check_text` on every string in a JSON value (keys too, at any depth), naming the field that fails."""
+    if isinstance(value, str):
+        check_text(value, where, error)
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            check_texts(k, f"a key of {where}", error)
+            check_texts(v, f"{where}[{k!r}]" if text_problem(str(k)) is None else where, error)
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            check_texts(v, f"{where}[{i}]", error)
+
+
 def decode_text(data: bytes, where: str, error: type[LlamaCliError] = InputError) -> str:
     """`data` decoded as UTF-8 (a leading byte-order mark dropped); else raise `error` naming `where` and the byte."""
     try:
