@@ -26,7 +26,7 @@ import jinja2.utils
 import jinja2.visitor
 
 from llamacli.errors import InputError, TokenizerError
-from llamacli.text import check_text, decode_text
+from llamacli.text import check_text, decode_text, read_json_file
 
 
 class ChatTemplate(str):
@@ -69,12 +69,7 @@ def load_chat_template(folder, override_file=None) -> ChatTemplate | None:
     config_file = folder / "tokenizer_config.json"
     if not config_file.is_file():
         return None
-    try:
-        template = json.loads(decode_text(config_file.read_bytes(), str(config_file), TokenizerError))
-    except OSError as exc:
-        raise TokenizerError(f"cannot read {config_file}: {exc.strerror or exc}") from None
-    except json.JSONDecodeError as exc:
-        raise TokenizerError(f"{config_file}: malformed JSON at line {exc.lineno} column {exc.colno}: {exc.msg}") from None
+    template = read_json_file(config_file, TokenizerError)
     template = template.get("chat_template") if isinstance(template, dict) else None
     if isinstance(template, list):  # named templates: [{"name": "default", "template": ...}, {"name": "tool_use"...}]
         named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}

@@ -4,6 +4,7 @@ JSON escapes and undecodable command-line bytes can produce), with one-line erro
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from llamacli.errors import InputError, LlamaCliError
@@ -59,3 +60,15 @@ def read_text_file(path: str | Path, what: str = "file") -> str:
     except OSError as exc:
         raise InputError(f"cannot read {what} {p}: {exc.strerror or exc}") from None
     return decode_text(data, f"{what} {p}")
+
+
+def read_json_file(path: str | Path, error: type[LlamaCliError] = InputError):
+    """The parsed JSON of a UTF-8 file; `error` naming the file (and the byte, or line and column) if it fails."""
+    try:
+        data = Path(path).read_bytes()
+    except OSError as exc:
+        raise error(f"cannot read {path}: {exc.strerror or exc}") from None
+    try:
+        return json.loads(decode_text(data, str(path), error))
+    except json.JSONDecodeError as exc:
+        raise error(f"{path}: malformed JSON at line {exc.lineno} column {exc.colno}: {exc.msg}") from None

@@ -8,13 +8,12 @@ written in text map to their ids for both backends; BOS/EOS follow the checkpoin
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 from typing import Iterable
 
 from llamacli.errors import InputError, TokenizerError
-from llamacli.text import decode_text
+from llamacli.text import read_json_file
 
 _SPIECE_SPACE = "\u2581"  # SentencePiece's visible space, "▁"
 
@@ -74,12 +73,7 @@ class Tokenizer:
 def _read_json(path: Path) -> dict:
     if not path.is_file():
         return {}
-    try:
-        data = json.loads(decode_text(path.read_bytes(), str(path), TokenizerError))
-    except OSError as exc:
-        raise TokenizerError(f"cannot read {path}: {exc.strerror or exc}") from None
-    except json.JSONDecodeError as exc:
-        raise TokenizerError(f"{path}: malformed JSON at line {exc.lineno} column {exc.colno}: {exc.msg}") from None
+    data = read_json_file(path, TokenizerError)
     if not isinstance(data, dict):
         raise TokenizerError(f"{path} should hold a JSON object")
     return data
