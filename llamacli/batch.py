@@ -33,6 +33,7 @@ from llamacli import prompts
 from llamacli.batch_output import prepare_output, prompt_hash, rows_to_run  # noqa: F401  (prepare_output: API)
 from llamacli.errors import InputError, LlamaCliError, UsageError
 from llamacli.request import Request, SamplingParams, check_seed
+from llamacli.text import check_text, check_texts, text_problem
 
 OVERRIDES = ("max_new_tokens", "temperature", "top_p", "top_k", "seed", "stop", "system")
 JSONL_SUFFIXES = (".jsonl", ".ndjson", ".json")
@@ -68,6 +69,8 @@ class BatchDefaults:
             object.__setattr__(self, "request", Request())
         if self.raw and self.system:
             raise UsageError("a system message needs the chat template; it cannot be used with raw prompts")
+        if self.system is not None:
+            check_text(self.system, "the system message", UsageError)
 
     @classmethod
     def of(cls, **options) -> "BatchDefaults":
@@ -189,6 +192,9 @@ def parse_row(obj, line: int, where: str, default_id) -> Row:
     if rid is None or isinstance(rid, bool) or not isinstance(rid, (str, int)):
         row.error = f"{where}: id must be a string or an integer, got {rid!r}"
         return row
+    if isinstance(rid, str) and text_problem(rid) is not None:
+        row.error = f"{where}: id is not valid text ({text_problem(rid)})"  # the line number names it instead
+        return row
     row.id = rid
     try:
         has_prompt, has_messages = "prompt" in obj, "messages" in obj
@@ -199,7 +205,7 @@ def parse_row(obj, line: int, where: str, default_id) -> Row:
         if has_prompt:
             if not isinstance(obj["prompt"], str):
                 raise UsageError(f"'prompt' must be a string, got {type(obj['prompt']).__name__}")
-            row.prompt = obj["prompt"]
+            row.prompt = check_text(obj["prompt"], "'prompt'", UsageError)
         else:
             row.messages = _check_messages(obj["messages"])
         row.overrides = _check_overrides({k: obj[k] for k in OVERRIDES if k in obj})
@@ -214,6 +220,7 @@ def _check_messages(messages) -> list[dict]:
     for i, m in enumerate(messages):
         if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
             raise UsageError(f"messages[{i}] must be an object with string 'role' and 'content', got {m!r}")
+        check_texts(m, f"messages[{i}]", UsageError)  # every field of a message reaches the chat template
     return messages
 
 
@@ -226,9 +233,12 @@ def _check_overrides(o: dict) -> dict:
         stop = [stop] if isinstance(stop, str) else stop
         if not isinstance(stop, list) or any(not isinstance(s, str) or not s for s in stop):
             raise UsageError(f"stop must be a non-empty string or a list of them, got {o['stop']!r}")
+        check_texts(stop, "stop", UsageError)
         o["stop"] = tuple(stop)
     if "system" in o and not isinstance(o["system"], str):
         raise UsageError(f"system must be a string, got {o['system']!r}")
+    if "system" in o:
+        check_text(o["system"], "system", UsageError)
     for name in ("temperature", "top_p"):
         if name in o and (isinstance(o[name], bool) or not isinstance(o[name], (int, float))):
             raise UsageError(f"{name} must be a number, got {o[name]!r}")
@@ -257,7 +267,8 @@ def _check_duplicate(row: Row, first_line: dict) -> None:
 def prompt_ids(engine, row: Row, defaults: BatchDefaults) -> list[int]:
     """Token ids of a row's prompt: chat template unless `raw` (for a `prompt`), system message first."""
     return prompts.encode_prompt(engine.tokenizer, engine.chat_template, prompt=row.prompt, messages=row.messages,
-                                 system=row.overrides.get("system", defaults.system), raw=defaults.raw)
+                                 system=row.overrides.get("system", defaults.system), raw=defaults.raw,
+                                 config=engine.config)
 
 
 def iter_results(engine, rows: list[Row], defaults: BatchDefaults, batch_size: int = 8) -> Iterator[tuple[Row, dict]]:

@@ -7,6 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from llamacli.errors import UsageError
+from llamacli.text import check_text
 
 # Why a generation ended: an eos id or a stop string, the max_new_tokens budget, or the caller cancelled it.
 STOP, LENGTH, CANCELLED = "stop", "length", "cancelled"
@@ -86,6 +87,8 @@ class Request:
             raise UsageError(f"max-new-tokens must be an integer >= 1, got {self.max_new_tokens!r}")
         if isinstance(self.stop, str) or any(not isinstance(s, str) or not s for s in self.stop):
             raise UsageError("stop strings must be non-empty text")
+        for s in self.stop:
+            check_text(s, "a stop string", UsageError)
         check_seed(self.seed)
         if isinstance(self.top_logprobs, bool) or not isinstance(self.top_logprobs, int) or \
                 not 0 <= self.top_logprobs <= MAX_TOP_LOGPROBS:

@@ -8,12 +8,12 @@ written in text map to their ids for both backends; BOS/EOS follow the checkpoin
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 from typing import Iterable
 
 from llamacli.errors import InputError, TokenizerError
+from llamacli.text import read_json_file
 
 _SPIECE_SPACE = "\u2581"  # SentencePiece's visible space, "▁"
 
@@ -73,10 +73,7 @@ class Tokenizer:
 def _read_json(path: Path) -> dict:
     if not path.is_file():
         return {}
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise TokenizerError(f"cannot read {path}: {exc}") from exc
+    data = read_json_file(path, TokenizerError)
     if not isinstance(data, dict):
         raise TokenizerError(f"{path} should hold a JSON object")
     return data

@@ -428,6 +428,45 @@ def test_read_rows_jsonl_ids_blank_lines_and_every_kind_of_bad_row(tmp_path):
     assert by_line[5].id == "b" and by_line[4].id == 4
 
 
+def test_rows_with_text_that_is_valid_json_but_not_valid_text_fail_alone(tmp_path):
+    src = write(tmp_path / "in.jsonl", "\n".join([
+        '{"prompt": "fine"}',                                                    # 1
+        '{"prompt": "a\\udcffb"}',                                               # 2 lone surrogate in the prompt
+        '{"messages": [{"role": "user", "content": "x\\ud800"}]}',               # 3 ... in a message
+        '{"messages": [{"role": "user", "content": "x", "name": ["\\udfff"]}]}',  # 4 ... deep in a message
+        '{"prompt": "p", "stop": ["ok", "\\udcff"]}',                            # 5 ... in a stop string
+        '{"prompt": "p", "system": "\\udcff"}',                                  # 6 ... in the system override
+        '{"id": "\\udcff", "prompt": "p"}',                                      # 7 ... in the id
+        '{"prompt": "also fine", "extra": "\\udcff"}',                           # 8 ignored fields are not read
+    ]) + "\n")
+    errors = {r.line: r.error for r in read_rows(src)}
+    assert errors[1] is None and errors[8] is None
+    assert errors[2] == "line 2: 'prompt' is not valid text (a lone surrogate '\\udcff' at character 1)"
+    assert errors[3] == "line 3: messages[0]['content'] is not valid text (a lone surrogate '\\ud800' at character 1)"
+    assert errors[4].startswith("line 4: messages[0]['name'][0] is not valid text")
+    assert errors[5].startswith("line 5: stop[1] is not valid text")
+    assert errors[6].startswith("line 6: system is not valid text")
+    assert errors[7].startswith("line 7: id is not valid text")
+
+
+def test_a_lone_surrogate_row_does_not_stop_the_batch(engine, chat_dir, tmp_path):
+    src = write(tmp_path / "in.jsonl", '{"prompt": "one"}\n{"prompt": "\\udcff"}\n{"prompt": "three"}\n')
+    result = CliRunner().invoke(app, ["generate", "--model", str(chat_dir), "--prompts-file", str(src), "-n", "2"])
+    assert result.exit_code == 1 and "Traceback" not in result.stderr
+    rows = {r["id"]: r for r in map(json.loads, result.stdout.splitlines())}
+    assert sorted(rows) == [1, 2, 3] and "text" in rows[1] and "text" in rows[3]
+    assert rows[2]["error"].startswith("line 2: 'prompt' is not valid text")
+    api = generate_many(engine, ["\udcff", {"messages": [{"role": "user", "content": "\ud800"}]}, "fine"],
+                        max_new_tokens=2)
+    assert api[0]["error"].startswith("prompt 0: 'prompt' is not valid text")
+    assert api[1]["error"].startswith("prompt 1: messages[0]['content'] is not valid text")
+    assert len(api[2]["token_ids"]) == 2
+    with pytest.raises(UsageError, match="the system message is not valid text"):
+        generate_many(engine, ["x"], system="\udcff")
+    with pytest.raises(UsageError, match="a stop string is not valid text"):
+        generate_many(engine, ["x"], stop=["\udcff"])
+
+
 def test_plain_text_input_and_the_format_rule(tmp_path):
     text = write(tmp_path / "prompts.txt", "first prompt\n\n{not json, a prompt in a .txt}\r\nlast")
     rows = read_rows(text)

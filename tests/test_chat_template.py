@@ -119,7 +119,7 @@ def test_template_sources(tmp_path):
         load_chat_template(folder, override_file=tmp_path / "missing.jinja")
     (folder / "tokenizer_config.json").write_text("{broken")
     (folder / "chat_template.jinja").unlink()
-    with pytest.raises(TokenizerError, match="cannot read"):
+    with pytest.raises(TokenizerError, match=r"tokenizer_config.json: malformed JSON at line 1 column 2"):
         load_chat_template(folder)
 
 
@@ -187,3 +187,68 @@ def test_messages_are_not_modified():
     before = json.dumps(messages)
     render_chat("{% for m in messages %}{{ m.role }}{% endfor %}", messages, bos_token=None, eos_token=None)
     assert json.dumps(messages) == before
+
+
+# -- the sandbox's bounds on work and memory (issue 15, items 8 and 9) ----------------------------------------
+
+BOMBS = [
+    "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}",
+    "{% for x in [1] recursive %}{% if loop.depth < 4 %}{{ loop(range(100000)) }}{% endif %}{% endfor %}",
+    "{% for i in range(100000) %}{% for j in range(100) %}" + "A" * 40 + "{% endfor %}{% endfor %}",
+    "{{ 'ab ' * 10**7 }}",
+    "{% set ns = namespace(s='x') %}{% for i in range(60) %}{% set ns.s = ns.s ~ ns.s %}{% endfor %}{{ ns.s }}",
+    "{% set ns = namespace(s='x') %}{% for i in range(60) %}{% set ns.s = ns.s + ns.s %}{% endfor %}{{ ns.s }}",
+    "{% macro d(s, n) %}{{ d(s ~ s, n - 1) if n else s|length }}{% endmacro %}{{ d('x', 60) }}",
+    "{% set ns = namespace(x=3) %}{% for i in range(100) %}{% set ns.x = ns.x * ns.x %}{% endfor %}{{ ns.x }}",
+    "{{ 'x'|center(10**10) }}",
+    "{{ 'x'.ljust(10**10) }}",
+    "{{ '%999999999d' % 1 }}",
+    "{{ '{:>999999999}'.format(1) }}",
+    "{{ ('x' * 1000000).replace('x', 'y' * 1000) }}",
+    "{{ (['x' * 1000000] * 1000)|join }}",
+    "{% set a = ['x' * 10**6] * 10 %}{% set b = [a,a,a,a,a,a,a,a,a,a] %}{% set c = [b,b,b,b,b,b,b,b,b,b] %}"
+    "{{ c|tojson }}",
+    "{{ ('\t' * 1000000).expandtabs(1000) }}",
+    "{{ ('x\n' * 1000000)|indent('y' * 1000) }}",
+]
+
+
+@pytest.mark.parametrize("bomb", BOMBS)
+def test_templates_that_would_hang_or_exhaust_memory_are_stopped(bomb):
+    import resource
+
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    with pytest.raises(TokenizerError, match=r"^chat template was stopped: "):
+        render_chat(bomb, [U1], bos_token="<s>", eos_token="</s>")
+    grown_mb = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
+    assert grown_mb < 500, f"the render grew the process by {grown_mb:.0f} MB before it was stopped"
+
+
+def test_bounds_leave_real_templates_and_long_chats_alone():
+    chat = [{"role": "user" if i % 2 == 0 else "assistant", "content": "hello there " * 100} for i in range(1001)]
+    text = render_chat(LLAMA3_TEMPLATE, chat, bos_token="<s>", eos_token="</s>")
+    assert text.count("hello there") == 100 * 1001
+    assert render_chat("{{ 'ab' * 1000 }}{{ 2 ** 64 }}", [U1], bos_token="", eos_token="") == "ab" * 1000 + str(2**64)
+
+
+def test_errors_name_where_the_template_came_from(tmp_path):
+    bomb = BOMBS[0]
+    override = tmp_path / "t.jinja"
+    override.write_text(bomb)
+    folder = tmp_path / "ckpt"
+    folder.mkdir()
+    write_json(folder / "tokenizer_config.json", {"chat_template": bomb})
+    for template, where in [(load_chat_template(folder, override), f"chat template {override} (--chat-template)"),
+                            (load_chat_template(folder), f"chat template in {folder / 'tokenizer_config.json'}")]:
+        with pytest.raises(TokenizerError) as info:
+            render_chat(template, [U1], bos_token="<s>", eos_token="</s>")
+        assert str(info.value).startswith(f"{where} was stopped: it did more work than allowed"), str(info.value)
+
+
+def test_a_template_file_that_is_not_utf8_names_the_file_and_byte(tmp_path):
+    bad = tmp_path / "t.jinja"
+    bad.write_bytes(b"{{ messages }}\xff")
+    with pytest.raises(InputError, match=rf"chat template {bad} is not UTF-8 \(invalid start byte at byte 14\)"):
+        load_chat_template(tmp_path, bad)
+    with pytest.raises(InputError, match="is a directory"):
+        load_chat_template(tmp_path, tmp_path)

@@ -818,3 +818,106 @@ def test_smollm2_generate_json_greedy_equals_transformers(smollm2_dir):
         assert out["finish_reason"] == "stop"
     assert out["token_ids"] == expected
     assert "Paris" in out["text"]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# hostile text and files (issue 15: items 5, 6, 8, 9, 13)
+
+
+def run_bytes(*args, stdin: bytes, timeout: int = 120):
+    """llamacli in a fresh process, with raw bytes on stdin; stdout/stderr decoded leniently."""
+    proc = subprocess.run([sys.executable, "-m", "llamacli", *map(str, args)], input=stdin, capture_output=True,
+                          timeout=timeout)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, proc.stdout.decode("utf-8", "replace"),
+                                       proc.stderr.decode("utf-8", "replace"))
+
+
+def test_piped_chat_reports_a_line_that_is_not_utf8_and_goes_on(tiny_chat_dir):
+    proc = run_bytes("chat", "--model", tiny_chat_dir, "-n", "3", "--json", stdin=b"hello\n\xff\xfe oops\nbye\n")
+    assert proc.returncode == 1, proc.stderr
+    replies = [json.loads(line) for line in proc.stdout.splitlines()]
+    assert [r["finish_reason"] for r in replies] == ["length", "error", "length"]
+    assert replies[1]["error"] == "line 2 of standard input is not UTF-8 (invalid start byte at byte 0)"
+    assert "error: line 2 of standard input is not UTF-8" in proc.stderr and "Traceback" not in proc.stderr
+    alone = run_bytes("chat", "--model", tiny_chat_dir, "-n", "3", "--json", stdin=b"hello\nbye\n")
+    assert [r["content"] for r in map(json.loads, alone.stdout.splitlines())] == \
+        [replies[0]["content"], replies[2]["content"]]  # the bad line left no turn in the conversation
+
+
+@pytest.mark.parametrize("command", [["generate", "--prompt", "-"], ["tokenize", "--text", "-"]])
+def test_stdin_that_is_not_utf8_is_one_line_naming_the_byte(command, tiny_chat_dir):
+    proc = run_bytes(*command, "--model", tiny_chat_dir, stdin=b"ab\xff\n")
+    one_error_line(proc, 1, f"standard input ({command[1]} -) is not UTF-8 (invalid start byte at byte 2)")
+
+
+def test_a_prompt_file_that_is_not_utf8_names_the_file_and_byte(tiny_chat_dir, tmp_path):
+    bad = tmp_path / "p.txt"
+    bad.write_bytes(b"hello \xc3\x28")
+    one_error_line(invoke("generate", "--model", tiny_chat_dir, "--prompt-file", bad), 1,
+                   f"--prompt-file {bad} is not UTF-8 (invalid continuation byte at byte 6)")
+    one_error_line(invoke("generate", "--model", tiny_chat_dir, "--prompt-file", tmp_path), 1, "is a directory")
+
+
+@pytest.mark.parametrize("option", ["--prompt", "--system", "--stop"])
+def test_undecodable_bytes_in_arguments_are_usage_errors_before_loading(option, tmp_path):
+    args = ["generate", "--model", tmp_path / "absent", "--prompt", "hi"]
+    args = [*args[:3], option, b"a\xff".decode("utf-8", "surrogateescape")] + ([] if option == "--prompt" else args[3:])
+    one_error_line(run(*args), 2, f"{option} is not valid text (a lone surrogate '\\udcff' at character 1)")
+
+
+def test_a_big_seed_is_a_usage_error_before_loading(tmp_path):
+    for command in ("generate", "chat"):
+        one_error_line(invoke(command, "--model", tmp_path / "absent", "--prompt", "hi", "--seed", 2**64)
+                       if command == "generate" else invoke(command, "--model", tmp_path / "absent", "--seed", 2**64),
+                       2, "seed must be an integer in [0, 2**63)")
+
+
+def test_a_prompt_too_long_for_the_context_is_refused_before_tokenizing(tiny_chat_dir, tmp_path, monkeypatch):
+    from llamacli import tokenizer as tokenizer_module
+
+    big = tmp_path / "big.txt"
+    big.write_text("hello world " * 2000)  # 24,000 bytes; the model's 256 positions hold at most 256 x 64
+    encoded = []
+    monkeypatch.setattr(tokenizer_module._HFTokenizer, "encode", lambda self, text, **kw: encoded.append(text) or [1])
+    for extra in ([], ["--raw"]):
+        one_error_line(invoke("generate", "--model", tiny_chat_dir, "--prompt-file", big, *extra), 1,
+                       "is 24,000 bytes, more than the model's context of 256 tokens can hold (at most 16,384 bytes")
+    assert encoded == []
+
+
+def test_a_tokenizer_larger_than_the_models_vocabulary_is_one_line(tiny_chat_dir, tiny_checkpoint):
+    small = tiny_checkpoint(vocab_size=64, max_position_embeddings=256)  # the chat tokenizer has hundreds of ids
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(tiny_chat_dir / name, small / name)
+    one_error_line(invoke("generate", "--model", small, "--prompt", "hello world"), 1,
+                   "beyond the model's vocabulary of 64 (config.json vocab_size)")
+    rows = small / "rows.jsonl"
+    rows.write_text('{"prompt": "hello world"}\n{"prompt": "a", "max_new_tokens": 2}\n')
+    result = invoke("generate", "--model", small, "--prompts-file", rows, "--raw")
+    assert result.exit_code == 1 and "Traceback" not in result.stderr
+    assert "line 1: the tokenizer encoded the prompt with token id" in result.stdout
+
+
+@pytest.mark.parametrize("where", ["--chat-template", "tokenizer_config.json"])
+@pytest.mark.parametrize("command", ["generate", "chat", "batch"])
+def test_a_chat_template_that_would_hang_fails_naming_its_source(where, command, tiny_chat_dir, tmp_path):
+    bomb = "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}"
+    model = copy_checkpoint(tiny_chat_dir, tmp_path / "m")
+    extra = []
+    if where == "--chat-template":
+        (tmp_path / "t.jinja").write_text(bomb)
+        extra, source = ["--chat-template", tmp_path / "t.jinja"], f"chat template {tmp_path / 't.jinja'}"
+    else:
+        conf = json.loads((model / "tokenizer_config.json").read_text())
+        (model / "tokenizer_config.json").write_text(json.dumps({**conf, "chat_template": bomb}))
+        source = f"chat template in {model / 'tokenizer_config.json'}"
+    if command == "generate":
+        result = invoke("generate", "--model", model, "--prompt", "hi", *extra)
+        one_error_line(result, 1, f"error: {source}", "was stopped: it did more work than allowed")
+    elif command == "chat":
+        result = invoke("chat", "--model", model, *extra, input="hi\n")
+        assert result.exit_code == 1 and result.stdout == "\n"
+        assert result.stderr.startswith(f"error: {source}") and "was stopped" in result.stderr
+    else:
+        result = invoke("generate", "--model", model, "--prompts-file", "-", *extra, input='{"prompt": "hi"}\n')
+        assert result.exit_code == 1 and f"line 1: {source}" in json.loads(result.stdout)["error"]

@@ -15,8 +15,10 @@ from typing import Annotated, Callable, Iterator, Optional
 
 import typer
 
-from llamacli.errors import InputError, LlamaCliError, UsageError
+from llamacli.errors import LlamaCliError, UsageError
 from llamacli.prompts import sampling_params
+from llamacli.request import check_seed
+from llamacli.text import check_text, decode_text, read_text_file
 
 app = typer.Typer(
     name="llamacli",
@@ -103,9 +105,16 @@ SystemOpt = Annotated[Optional[str], typer.Option("--system", "-s", help="A syst
 StatsOpt = Annotated[bool, typer.Option("--stats", help="Print token counts and speeds to stderr.")]
 
 
-def check_sampling(temperature, top_k, top_p, min_p, repetition_penalty) -> None:
-    """Validate the sampling options the user gave, before any model is loaded (UsageError, exit 2)."""
+def check_sampling(temperature, top_k, top_p, min_p, repetition_penalty, *, seed=None, system=None,
+                   stop=None) -> None:
+    """Validate the sampling options (and seed, system message, stop strings) the user gave, before any model
+    is loaded (UsageError, exit 2)."""
     sampling_params({}, temperature, top_k, top_p, min_p, repetition_penalty)
+    check_seed(seed)
+    if system is not None:
+        check_text(system, "--system", UsageError)
+    for s in stop or ():
+        check_text(s, "--stop", UsageError)
 
 
 # -- output and errors -------------------------------------------------------------------------------------------
@@ -209,6 +218,12 @@ def stop_on_interrupt() -> Iterator[None]:
 # -- inputs and models -------------------------------------------------------------------------------------------
 
 
+def read_stdin(where: str = "standard input") -> str:
+    """All of standard input as text; InputError naming the byte when it is not UTF-8."""
+    data = sys.stdin.buffer.read() if hasattr(sys.stdin, "buffer") else sys.stdin.read().encode("utf-8", "replace")
+    return decode_text(data, where)
+
+
 def read_text_arg(text: Optional[str], file: Optional[Path], text_flag: str, file_flag: str) -> str:
     """The text of exactly one of TEXT / FILE; '-' as TEXT reads stdin. One trailing newline is dropped."""
     if text is not None and file is not None:
@@ -216,16 +231,11 @@ def read_text_arg(text: Optional[str], file: Optional[Path], text_flag: str, fil
     if text is None and file is None:
         raise UsageError(f"pass {text_flag} TEXT, {file_flag} FILE, or {text_flag} - to read standard input")
     if file is not None:
-        try:
-            value = file.read_text(encoding="utf-8")
-        except FileNotFoundError:
-            raise InputError(f"{file}: no such file") from None
-        except (OSError, UnicodeDecodeError) as exc:
-            raise InputError(f"{file}: cannot read ({exc})") from None
+        value = read_text_file(file, f"{file_flag}")
     elif text == "-":
-        value = sys.stdin.read()
+        value = read_stdin(f"standard input ({text_flag} -)")
     else:
-        return text
+        return check_text(text, text_flag, UsageError)  # undecodable bytes in argv arrive as lone surrogates
     return value[:-1] if value.endswith("\n") else value
 
 

@@ -45,7 +45,7 @@ def chat(
     With stdin not a terminal, each input line is one user turn and stdout carries only the replies, one per line.
     """
     with errors():
-        check_sampling(temperature, top_k, top_p, min_p, repetition_penalty)
+        check_sampling(temperature, top_k, top_p, min_p, repetition_penalty, seed=seed, system=system, stop=stop)
         from llamacli.generation import ChatSession
 
         engine, folder, load_s = load_engine(model, revision, dtype, device, tokenizer, chat_template)

@@ -72,7 +72,7 @@ def generate(
 ) -> None:
     """Generate text after a prompt, streamed to stdout (status and stats go to stderr)."""
     with errors(), stop_on_interrupt():  # a second Ctrl-C while stopping is ignored, not a traceback
-        check_sampling(temperature, top_k, top_p, min_p, repetition_penalty)
+        check_sampling(temperature, top_k, top_p, min_p, repetition_penalty, seed=seed, system=system, stop=stop)
         if raw and system:
             raise UsageError("--system needs the chat template; it cannot be used with --raw")
         if logprobs and not as_json and prompts_file is None:
@@ -99,7 +99,8 @@ def generate(
         if not raw and engine.chat_template is None:
             raise TokenizerError("this model has no chat template: pass --raw to send the prompt as it is, "
                                  "or --chat-template FILE")
-        ids = encode_prompt(engine.tokenizer, engine.chat_template, prompt=text, system=system, raw=raw)
+        ids = encode_prompt(engine.tokenizer, engine.chat_template, prompt=text, system=system, raw=raw,
+                            config=engine.config)
         if max_new_tokens is None:  # the default is capped to what the context has left after this prompt
             room = engine.config.context_length - len(ids)
             request = replace(request, max_new_tokens=default_max_new_tokens(gen, room))

@@ -12,9 +12,10 @@ import sys
 from typing import Optional
 
 from llamacli.cli.app import debug_mode, error_line, note, stats_line, stderr, write
-from llamacli.errors import ContextOverflowError, LlamaCliError
+from llamacli.errors import ContextOverflowError, InputError, LlamaCliError
 from llamacli.prompts import default_max_new_tokens
 from llamacli.request import Finished, Request
+from llamacli.text import check_text, decode_text
 
 HELP = """commands:
   /help          this help
@@ -32,17 +33,25 @@ class ChatLoop:
         self.max_new_tokens, self.stop, self.as_json, self.show_stats = max_new_tokens, stop, as_json, show_stats
         self.last_stats = None
         self.turns = 0
+        self.line_no = 0  # input lines read so far (errors name the line)
 
     def read(self, interactive: bool) -> Optional[str]:
-        """The next input line, or None at end of input."""
+        """The next input line, or None at end of input; InputError when that line is not valid text."""
+        where = f"line {self.line_no + 1} of standard input"
         if interactive:
             try:
-                return stderr().input(">>> ", markup=False)
+                line = stderr().input(">>> ", markup=False)
             except EOFError:
                 write("\n")
                 return None
-        line = sys.stdin.readline()
-        return None if line == "" else line.rstrip("\r\n")
+            self.line_no += 1
+            return check_text(line, where)  # undecodable terminal bytes arrive as lone surrogates
+        stream = getattr(sys.stdin, "buffer", None)
+        data = stream.readline() if stream is not None else sys.stdin.readline().encode("utf-8", "surrogatepass")
+        if not data:
+            return None
+        self.line_no += 1
+        return check_text(decode_text(data, where), where).rstrip("\r\n")
 
     def run(self, interactive: bool) -> bool:
         """Read turns until end of input or /exit; return whether any turn failed (piped mode)."""
@@ -53,6 +62,9 @@ class ChatLoop:
             except KeyboardInterrupt:
                 write("\n")
                 note("(Ctrl-C: /exit or Ctrl-D quits)")
+                continue
+            except InputError as exc:  # one bad line fails its turn; the session goes on
+                failed |= not self.turn_failed(str(exc))
                 continue
             if line is None:
                 return failed

@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 
-from llamacli.cli.app import TokenizerOpt, app, errors
+from llamacli.cli.app import TokenizerOpt, app, errors, read_stdin
 from llamacli.errors import UsageError
+from llamacli.text import check_text
 
 
 def tokenizer_source(model: Optional[str], tokenizer: Optional[Path]) -> Path:
@@ -38,8 +38,7 @@ def tokenize(
     from llamacli.tokenizer import load_tokenizer
 
     with errors():
-        if text == "-":
-            text = sys.stdin.read()
+        text = read_stdin("standard input (--text -)") if text == "-" else check_text(text, "--text", UsageError)
         tok = load_tokenizer(tokenizer_source(model, tokenizer))
         ids = tok.encode(text, add_special_tokens=not no_special)
         pieces = [tok.id_to_piece(i) for i in ids]

@@ -52,12 +52,13 @@ class Engine:
     # -- prompts ---------------------------------------------------------------------------------------
 
     def chat_ids(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
-        """Render messages with the chat template and encode them (the template carries its own BOS)."""
-        return prompts.encode_chat(self.tokenizer, self.chat_template, messages, add_generation_prompt)
+        """Render messages with the chat template and encode them (checked against the model: `prompts`)."""
+        return prompts.encode_chat(self.tokenizer, self.chat_template, messages, add_generation_prompt,
+                                   config=self.config)
 
     def raw_ids(self, text: str) -> list[int]:
         """Encode plain text, adding BOS/EOS as the tokenizer does by default."""
-        return prompts.encode_raw(self.tokenizer, text)
+        return prompts.encode_raw(self.tokenizer, text, config=self.config)
 
     def check_fits(self, prompt_len: int, max_new_tokens: int) -> None:
         """Raise ContextOverflowError, with the numbers, when prompt + new tokens exceed the model's context."""
