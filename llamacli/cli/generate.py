@@ -70,6 +70,7 @@ def generate(
         "--overwrite", help="Batch mode: replace an existing --output. The old file stays until this run has "
                             "written a row: it is replaced at the end, or when the run stops early with rows "
                             "written (then --resume continues them).", rich_help_panel=_BATCH)] = False,
+    tensor_parallel: TensorParallelOpt = False,
 ) -> None:
     """Generate text after a prompt, streamed to stdout (status and stats go to stderr)."""
     with errors(), stop_on_interrupt():  # a second Ctrl-C while stopping is ignored, not a traceback
