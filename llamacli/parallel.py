@@ -3,8 +3,9 @@ by Hugging Face tensor name, the rank-local config, and the collectives (with a 
 
 The plan (as gpt-fast's tp.py and mlx-lm's `shard_linear`): q/k/v and gate/up are split by output rows (whole
 heads), o and down by input columns, so each layer needs one all-reduce after o and one after down. KV heads
-are split across ranks, or, with fewer KV heads than ranks, each rank holds the one KV head its query heads use
-(replicated on world / n_kv_heads ranks). The embedding table and lm_head are split by vocabulary: on SmolLM2
+are split across ranks with their query heads (whole GQA groups; when the ranks do not divide them the first
+ranks take one more, so SmolLM2's 3 KV heads go 2 + 1 over 2 ranks), or, with fewer KV heads than ranks, each
+rank holds the one KV head its query heads use (replicated on world / n_kv_heads ranks). The embedding table and lm_head are split by vocabulary: on SmolLM2
 the tied table is 21% of the weights, so replicating it would leave each of 2 ranks 61% of the model; split,
 the lookup costs one all-reduce of (tokens, dim) and the head one all-gather of the logits.
 """
@@ -147,36 +148,50 @@ class ShardPlan:
         """The plan for one rank; UsageError (before anything is loaded) when the shape cannot be split."""
         c, w = config, world
         problems = []
-        if c.n_heads % w:
-            problems.append(f"n_heads {c.n_heads}")
-        if c.n_kv_heads % w and w % c.n_kv_heads:
-            problems.append(f"n_kv_heads {c.n_kv_heads} (nor do {w} ranks divide among its heads)")
+        if c.n_kv_heads < w:  # each KV head replicated on w / n_kv_heads ranks, the query heads split evenly
+            if w % c.n_kv_heads:
+                problems.append(f"n_kv_heads {c.n_kv_heads} (fewer than the ranks, and {w} is not a multiple)")
+            if c.n_heads % w:
+                problems.append(f"n_heads {c.n_heads}")
         if c.ffn_dim % w:
             problems.append(f"intermediate_size {c.ffn_dim}")
         if c.vocab_size < w:
-            problems.append(f"vocab_size {c.vocab_size}")
+            problems.append(f"vocab_size {c.vocab_size} (fewer rows than ranks)")
         if problems:
-            raise UsageError(f"--tensor-parallel over {w} ranks: the model's {', '.join(problems)} "
-                             f"{'is' if len(problems) == 1 else 'are'} not divisible by {w}; run on a world size "
+            raise UsageError(f"--tensor-parallel over {w} ranks: the model's {', '.join(problems)} cannot be "
+                             f"split in whole heads over {w} ranks (not divisible by {w}); run on a world size "
                              "that divides it")
         return cls(config, rank, world)
 
     @property
-    def heads(self) -> int:
-        """Query heads on this rank."""
-        return self.config.n_heads // self.world
-
-    @property
     def kv_heads(self) -> int:
-        """KV heads on this rank (1 when there are fewer KV heads than ranks)."""
-        return max(1, self.config.n_kv_heads // self.world)
+        """KV heads on this rank: a contiguous share (the first ranks one more when they do not divide), or the
+        one KV head its query heads use when there are fewer KV heads than ranks."""
+        base, extra = divmod(self.config.n_kv_heads, self.world)
+        return max(1, base + (self.rank < extra))
 
     @property
     def kv_first(self) -> int:
         """The first KV head this rank holds."""
+        c = self.config
+        if c.n_kv_heads >= self.world:
+            base, extra = divmod(c.n_kv_heads, self.world)
+            return self.rank * base + min(self.rank, extra)
+        return self.rank * (c.n_heads // self.world) // c.n_rep  # the KV head its query heads share
+
+    @property
+    def heads(self) -> int:
+        """Query heads on this rank (whole GQA groups of its KV heads)."""
         if self.config.n_kv_heads >= self.world:
-            return self.rank * self.kv_heads
-        return self.rank * self.heads // self.config.n_rep  # the KV head its query heads share
+            return self.kv_heads * self.config.n_rep
+        return self.config.n_heads // self.world
+
+    @property
+    def head_first(self) -> int:
+        """The first query head this rank holds."""
+        if self.config.n_kv_heads >= self.world:
+            return self.kv_first * self.config.n_rep
+        return self.rank * self.heads
 
     @property
     def vocab_chunk(self) -> int:
@@ -200,15 +215,16 @@ class ShardPlan:
         c, hd = self.config, self.config.head_dim
         part = name.rsplit(".", 2)[-2:]  # e.g. ["q_proj", "weight"]
         module, kind = part[0], part[-1]
+        q = (self.head_first * hd, (self.head_first + self.heads) * hd)
         if module == "q_proj":
-            return 0, self.rank * self.heads * hd, (self.rank + 1) * self.heads * hd
+            return (0, *q)
         if module in ("k_proj", "v_proj"):
             return 0, self.kv_first * hd, (self.kv_first + self.kv_heads) * hd
         if module in ("gate_proj", "up_proj"):
             f = c.ffn_dim // self.world
             return 0, self.rank * f, (self.rank + 1) * f
         if module == "o_proj" and kind == "weight":
-            return 1, self.rank * self.heads * hd, (self.rank + 1) * self.heads * hd
+            return (1, *q)
         if module == "down_proj" and kind == "weight":
             f = c.ffn_dim // self.world
             return 1, self.rank * f, (self.rank + 1) * f

@@ -72,6 +72,7 @@ SHAPES = {
     "mqa replicated, tied": dict(num_key_value_heads=1, tie_word_embeddings=True),
     "mha, biases, odd vocabulary": dict(num_key_value_heads=4, attention_bias=True, mlp_bias=True, vocab_size=127),
     "gqa 8/2 heads, dim 64": dict(num_attention_heads=8, num_key_value_heads=2, tie_word_embeddings=True),
+    "3 kv heads over 2 ranks (2 + 1 groups)": dict(hidden_size=96, num_attention_heads=6, num_key_value_heads=3),
 }
 
 
@@ -96,6 +97,9 @@ def test_rank_reads_only_its_slices_and_caches_its_own_heads(tiny_checkpoint):
     assert plan.slice_of("model.layers.0.self_attn.k_proj.weight") == (0, 2 * config.head_dim, 4 * config.head_dim)
     assert plan.slice_of("model.layers.0.mlp.down_proj.weight") == (1, config.ffn_dim // 2, config.ffn_dim)
     assert plan.slice_of("model.norm.weight") is None
+    uneven = [ShardPlan.for_config(load_config(tiny_checkpoint(hidden_size=144, num_attention_heads=9,
+                                                                num_key_value_heads=3)), r, WORLD) for r in (0, 1)]
+    assert [(p.kv_first, p.kv_heads, p.head_first, p.heads) for p in uneven] == [(0, 2, 0, 6), (2, 1, 6, 3)]
     mqa = ShardPlan.for_config(load_config(tiny_checkpoint(num_key_value_heads=1)), 1, WORLD)
     assert (mqa.kv_heads, mqa.kv_first) == (1, 0)  # the one KV head on both ranks
 
@@ -103,7 +107,7 @@ def test_rank_reads_only_its_slices_and_caches_its_own_heads(tiny_checkpoint):
 def test_shape_that_cannot_be_split_fails_before_loading(tiny_checkpoint):
     folder = tiny_checkpoint(num_attention_heads=4, num_key_value_heads=1, intermediate_size=96)
     (folder / "model.safetensors").write_bytes(b"not read")  # loading would fail with another error
-    with pytest.raises(UsageError, match=r"n_heads 4 .* not divisible by 3"):
+    with pytest.raises(UsageError, match=r"n_heads 4 cannot be split .*not divisible by 3"):
         ShardPlan.for_config(load_config(folder), 0, 3)
     with pytest.raises(UsageError, match="intermediate_size 96"):
         ShardPlan.for_config(load_config(folder), 0, 5)
