@@ -117,12 +117,12 @@ def main() -> None:
     print(f"per-rank peak / one process: {100 * worst['peak'] / one['peak']:.0f}% of the whole RSS, "
           f"{100 * (worst['peak'] - worst['before']) / (one['peak'] - one['before']):.0f}% of the model part "
           "(target <= 60%)")
-    want = comm_bytes_per_token(config)
+    want = comm_bytes_per_token(config, args.world)
     step = many[0]
     print(f"communication per decoded token and rank: {step['step_bytes']} bytes in {step['step_calls']} "
           f"collectives (expected {want['total']}: {want['per_layer']} per layer x {config.n_layers} layers for "
           f"the two all-reduces of dim {config.dim} fp32, {want['embedding']} for the embedding lookup, "
-          f"{want['lm_head']} gathered for the logits)")
+          f"{want['lm_head']} for this rank's share of the logits, gathered)")
     print(f"gloo on one CPU host: {step['decode_tps']:.1f} tok/s with {args.world} ranks vs {one['decode_tps']:.1f} "
           "in one process (the ranks share this host's cores and memory bus)")
 

@@ -13,6 +13,7 @@ the lookup costs one all-reduce of (tokens, dim) and the head one all-gather of 
 from __future__ import annotations
 
 import datetime
+import math
 import os
 from dataclasses import dataclass, replace
 
@@ -236,15 +237,22 @@ class ShardPlan:
         """Whether `name` is a row-parallel bias that only rank 0 adds (the all-reduce would add it world times)."""
         return name.endswith(("o_proj.bias", "down_proj.bias"))
 
-    def read(self, handle, name: str) -> torch.Tensor:
-        """This rank's part of tensor `name` from an open safetensors file (only that slice is read)."""
-        where = self.slice_of(name)
-        if where is None:
-            tensor = handle.get_tensor(name)
-            return tensor if self.rank == 0 or not self.bias_once(name) else torch.zeros_like(tensor)
-        dim, start, stop = where
-        sl = handle.get_slice(name)
-        return sl[start:stop] if dim == 0 else sl[:, start:stop]
+    def read(self, info, dtype: torch.dtype) -> torch.Tensor:
+        """This rank's part of a checkpoint tensor (a `layout.TensorInfo` stored in `dtype`), read with pread:
+        only its rows' bytes for a row slice, so that no page of the file stays mapped into the process."""
+        rows, per_row = info.shape[0], math.prod(info.shape[1:])
+        size = torch.empty((), dtype=dtype).element_size()
+        where = self.slice_of(info.name)
+        dim, start, stop = where if where is not None else (0, 0, rows)
+        first, last = (start, stop) if dim == 0 else (0, rows)
+        with open(info.file, "rb") as f:
+            data = bytearray(os.pread(f.fileno(), (last - first) * per_row * size, info.offset + first * per_row * size))
+        tensor = torch.frombuffer(data, dtype=dtype).view(last - first, *info.shape[1:])
+        if dim == 1:
+            tensor = tensor[:, start:stop].contiguous()
+        if where is None and self.rank != 0 and self.bias_once(info.name):
+            tensor = torch.zeros_like(tensor)
+        return tensor
 
 
 class VocabShardedEmbedding:
@@ -262,9 +270,11 @@ class VocabShardedEmbedding:
         return all_reduce(x)
 
 
-def comm_bytes_per_token(config: LlamaConfig, dtype: torch.dtype = torch.float32) -> dict[str, int]:
-    """Bytes each rank contributes to collectives per decoded token: per layer, the embedding, the head."""
+def comm_bytes_per_token(config: LlamaConfig, world: int, dtype: torch.dtype = torch.float32) -> dict[str, int]:
+    """Bytes each rank contributes to collectives per decoded token: per layer (two all-reduces of dim), the
+    embedding lookup (one of dim), the lm_head (its vocabulary share, gathered), and their total."""
     size = torch.empty((), dtype=dtype).element_size()
-    return {"per_layer": 2 * config.dim * size, "embedding": config.dim * size,
-            "lm_head": config.vocab_size * size, "total": (2 * config.n_layers + 1) * config.dim * size
-            + config.vocab_size * size}
+    per_layer, embedding = 2 * config.dim * size, config.dim * size
+    lm_head = -(-config.vocab_size // world) * size
+    return {"per_layer": per_layer, "embedding": embedding, "lm_head": lm_head,
+            "total": config.n_layers * per_layer + embedding + lm_head}

@@ -7,7 +7,7 @@ parameters are assigned as they are read, in the requested dtype and device, so 
 
 With a tensor-parallel `shard` plan (llamacli.parallel), the headers are still checked against the whole
 config, the reference model is built with the rank's config, and only the rank's slices are read from the
-files (`get_slice`); its runtime then all-reduces after o and down and gathers the lm_head's logits.
+files (pread of its rows, no memory map); its runtime then all-reduces after o and down and gathers the lm_head's logits.
 """
 
 from __future__ import annotations
@@ -83,7 +83,7 @@ def load_model(folder: str | Path, dtype: str = "auto", device: str = "auto", co
     if shard is not None and not runtime:
         raise ValueError("a tensor-parallel shard runs on the runtime only (runtime=True)")
     need, available = used, {name: t.file for name, t in used.items()}
-    handles = {path: _open(path) for path in set(available.values())}
+    handles = {path: _open(path) for path in set(available.values())} if shard is None else {}
     use_embed_for_head = "lm_head.weight" not in used
     with torch.device("meta"):
         model = Llama(shard.local_config() if shard is not None else config)
@@ -92,12 +92,14 @@ def load_model(folder: str | Path, dtype: str = "auto", device: str = "auto", co
     # A tensor read in its stored dtype is a view of the memory-mapped file, and the mapping lives as long
     # as any such tensor. When the weights are going to be packed (and the plain ones released), copy them
     # instead, so that the file's pages leave the process with the loader.
-    copy = runtime and pack and dev.type == "cpu" and will_pack(torch_dtype)
+    copy = shard is None and runtime and pack and dev.type == "cpu" and will_pack(torch_dtype)
     for name in need:
         try:
-            handle = handles[available[name]]
-            tensor = shard.read(handle, name) if shard is not None else handle.get_tensor(name)
-        except (SafetensorError, Exception) as exc:
+            if shard is not None:
+                tensor = shard.read(used[name], getattr(torch, layout.SAFETENSORS_DTYPES[used[name].dtype].name))
+            else:
+                tensor = handles[available[name]].get_tensor(name)
+        except (SafetensorError, OSError, Exception) as exc:
             raise WeightsError(f"{available[name]}: tensor '{name}' is truncated or corrupt ({exc})") from None
         _assign(model, name, torch.nn.Parameter(tensor.to(device=dev, dtype=torch_dtype, copy=copy),
                                                 requires_grad=False))
