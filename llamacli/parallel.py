@@ -101,6 +101,8 @@ def all_reduce(x: torch.Tensor) -> torch.Tensor:
 
 def all_gather_last(x: torch.Tensor) -> torch.Tensor:
     """Every rank's x (..., n) concatenated along the last dimension, rank order: (..., world * n)."""
+    if world_size() == 1:
+        return x
     parts = [torch.empty_like(x) for _ in range(world_size())]
     _collective("an all-gather", dist.all_gather, parts, x.contiguous())
     return torch.cat(parts, dim=-1)

@@ -192,3 +192,14 @@ def test_torchrun_sharded_batch_equals_one_process_and_resumes(tiny_chat_dir, tm
         assert a == b
     assert not list(tmp_path.glob("*.part"))
     assert "merged" in two.stderr
+
+
+def test_tensor_parallel_in_one_process_is_the_plain_model(tiny_chat_dir):
+    from typer.testing import CliRunner
+
+    from llamacli.cli import app
+
+    args = ["generate", "--model", str(tiny_chat_dir), "-p", "hi", "-n", "6", "--ignore-eos", "--json"]
+    plain, tp = (CliRunner().invoke(app, args + extra) for extra in ([], ["--tensor-parallel"]))
+    assert plain.exit_code == 0 and tp.exit_code == 0, tp.output
+    assert json.loads(tp.stdout)["token_ids"] == json.loads(plain.stdout)["token_ids"]
