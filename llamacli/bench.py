@@ -189,8 +189,10 @@ def bench_model(model: Llama, prompt_tokens: list[int], gen_tokens: int, batch_s
 
 def run_bench(folder, prompt_tokens: list[int], gen_tokens: int, batch_sizes: list[int], dtypes: list[str],
               device: str = "auto", repetitions: int = 5, threads: int | None = None,
-              model_name: str | None = None) -> BenchReport:
-    """Load the checkpoint once per dtype and bench it; measure the memory bandwidth first."""
+              model_name: str | None = None, shard=None) -> BenchReport:
+    """Load the checkpoint once per dtype and bench it; measure the memory bandwidth first.
+
+    `shard` (a `parallel.ShardPlan`): bench this tensor-parallel rank's shard (run by every rank at once)."""
     from llamacli.weights import load_model, resolve_device
 
     if gen_tokens < 1:
@@ -202,7 +204,7 @@ def run_bench(folder, prompt_tokens: list[int], gen_tokens: int, batch_sizes: li
     dev = resolve_device(device)
     rows = []
     for dtype in dtypes:
-        model = load_model(folder, dtype=dtype, device=str(dev))
+        model = load_model(folder, dtype=dtype, device=str(dev), shard=shard)
         rows += bench_model(model, prompt_tokens, gen_tokens, batch_sizes, repetitions)
         del model
         gc.collect()

@@ -131,6 +131,7 @@ class TensorInfo:
     dtype: str  # safetensors spelling: F32, BF16, ...
     shape: tuple[int, ...]
     file: Path
+    offset: int = 0  # where its bytes start in the file
 
     @property
     def numel(self) -> int:
@@ -232,7 +233,7 @@ def read_header(path: Path) -> dict[str, TensorInfo]:
         if end > data_bytes:
             raise WeightsError(f"{path}: truncated: tensor '{name}' ends at byte {end} of the data, "
                                f"but the file holds {data_bytes}")
-        out[name] = TensorInfo(name, dtype, shape, path)
+        out[name] = TensorInfo(name, dtype, shape, path, 8 + n + start)
         ranges.append((start, end, name))
     # safetensors refuses gaps, overlaps and trailing bytes: tensors must tile the data exactly.
     at = 0

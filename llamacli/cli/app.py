@@ -103,6 +103,9 @@ IgnoreEosOpt = Annotated[bool, typer.Option(
     "--ignore-eos", help="Do not stop on end-of-sequence tokens (for benchmarks).", rich_help_panel=_SAMPLING)]
 SystemOpt = Annotated[Optional[str], typer.Option("--system", "-s", help="A system message.", show_default=False)]
 StatsOpt = Annotated[bool, typer.Option("--stats", help="Print token counts and speeds to stderr.")]
+TensorParallelOpt = Annotated[bool, typer.Option(
+    "--tensor-parallel", help="Under torchrun: split every layer's heads and MLP over the ranks (each reads only "
+                              "its own slices of the weights); rank 0 prints.")]
 
 
 def check_sampling(temperature, top_k, top_p, min_p, repetition_penalty, *, seed=None, system=None,
@@ -144,12 +147,15 @@ def error_line(message: str) -> None:
 
 
 def fail(exc: BaseException) -> typer.Exit:
-    """Report an error as one line on stderr; return the Exit to raise (exit code 2 usage, 1 runtime)."""
+    """Report an error as one line on stderr; return the Exit to raise (exit code 2 usage, 1 runtime).
+
+    Under torchrun a usage error, which every rank finds alike, is reported by rank 0 only."""
     if isinstance(exc, LlamaCliError):
         message, code = str(exc), exc.exit_code
     else:
         message, code = f"{type(exc).__name__}: {exc}", 1
-    error_line(message)
+    if not (isinstance(exc, UsageError) and _state.get("rank", 0) != 0):
+        error_line(message)
     return typer.Exit(code)
 
 
@@ -219,9 +225,18 @@ def stop_on_interrupt() -> Iterator[None]:
 
 
 def read_stdin(where: str = "standard input") -> str:
-    """All of standard input as text; InputError naming the byte when it is not UTF-8."""
-    data = sys.stdin.buffer.read() if hasattr(sys.stdin, "buffer") else sys.stdin.read().encode("utf-8", "replace")
-    return decode_text(data, where)
+    """All of standard input as text; InputError naming the byte when it is not UTF-8. Under torchrun, rank 0
+    reads it and sends the bytes to the others (which must not read it too); every rank decodes them alike."""
+    import os
+
+    def read() -> bytes:
+        return sys.stdin.buffer.read() if hasattr(sys.stdin, "buffer") else sys.stdin.read().encode("utf-8", "replace")
+
+    if int(os.environ.get("WORLD_SIZE", "1")) == 1:  # no torch import outside torchrun
+        return decode_text(read(), where)
+    from llamacli import parallel
+
+    return decode_text(parallel.broadcast_object(read() if parallel.rank() == 0 else None), where)
 
 
 def read_text_arg(text: Optional[str], file: Optional[Path], text_flag: str, file_flag: str) -> str:
@@ -250,17 +265,91 @@ def resolve(model: str, revision: Optional[str], dtype: Dtype) -> Path:
 
 
 def load_engine(model: str, revision: Optional[str], dtype: Dtype, device: Device, tokenizer=None,
-                chat_template=None):
-    """Resolve --model and load the engine; returns (engine, folder, seconds spent loading)."""
+                chat_template=None, tensor_parallel: bool = False):
+    """Resolve --model and load the engine; returns (engine, folder, seconds spent loading).
+
+    With `tensor_parallel` this rank loads only its shard (the shape is checked before any tensor is read)."""
     import time
 
     from llamacli.generation import Engine
 
+    start_distributed(device)
     t0 = time.perf_counter()
     folder = resolve(model, revision, dtype)
-    engine = Engine.load(folder, dtype=dtype.value, device=device.value, tokenizer=tokenizer,
-                         chat_template=chat_template)
-    return engine, folder, time.perf_counter() - t0
+    if not tensor_parallel:
+        engine = Engine.load(folder, dtype=dtype.value, device=device.value, tokenizer=tokenizer,
+                             chat_template=chat_template)
+        return engine, folder, time.perf_counter() - t0
+    from llamacli import parallel
+    from llamacli.chat_template import load_chat_template
+    from llamacli.config import load_config
+    from llamacli.tokenizer import load_tokenizer
+    from llamacli.weights import load_model
+
+    config = load_config(folder)
+    plan = parallel.ShardPlan.for_config(config, parallel.rank(), parallel.world_size())
+    tok = load_tokenizer(tokenizer or folder, extra_eos_ids=config.eos_token_ids)
+    template = load_chat_template(folder, chat_template)
+    shard = load_model(folder, dtype=dtype.value, device=device.value, config=config, shard=plan)
+    return Engine(shard, tok, template), folder, time.perf_counter() - t0
+
+
+class _ErrorLinesOnly:
+    """stderr of a rank other than 0: its `error:` lines only, each naming the rank."""
+
+    def __init__(self, stream, rank: int):
+        self.stream, self.rank, self.buffer = stream, rank, ""
+
+    def write(self, text: str) -> int:
+        self.buffer += text
+        *lines, self.buffer = self.buffer.split("\n")
+        for line in lines:
+            if line.startswith("error: "):
+                body = line[len("error: "):]
+                tagged = body if body.startswith(f"rank {self.rank}:") else f"rank {self.rank}: {body}"
+                self.stream.write(f"error: {tagged}\n")
+                self.stream.flush()
+        return len(text)
+
+    def flush(self) -> None:
+        self.stream.flush()
+
+    def isatty(self) -> bool:
+        return False
+
+
+def start_distributed(device: Device | None = None) -> None:
+    """Under torchrun: join the process group (once); ranks other than 0 print no model text or status, only
+    their error lines. Outside torchrun: nothing."""
+    import os
+
+    from llamacli import parallel
+
+    if not parallel.launched() or _state.get("started"):
+        return
+    from llamacli.weights import resolve_device
+
+    parallel.init(resolve_device(device.value if device is not None else "auto"))
+    import atexit
+
+    atexit.register(parallel.shutdown)
+    _state["started"], _state["rank"] = True, parallel.rank()
+    if parallel.rank() != 0:
+        sys.stdout = open(os.devnull, "w", encoding="utf-8")
+        if not debug_mode():  # --debug: every rank's tracebacks
+            sys.stderr = _ErrorLinesOnly(sys.stderr, parallel.rank())
+
+
+def shared_seed(seed: Optional[int]) -> Optional[int]:
+    """The seed every rank samples with: the given one, or under torchrun one drawn by rank 0 (tensor-parallel
+    ranks must draw the same tokens)."""
+    from llamacli import parallel
+
+    if seed is not None or parallel.world_size() == 1:
+        return seed
+    import random
+
+    return parallel.broadcast_object(random.randrange(2**63) if parallel.rank() == 0 else None)
 
 
 def stats_line(stats, load_s: float | None = None) -> str:

@@ -7,7 +7,8 @@ from typing import Annotated, Optional
 
 import typer
 
-from llamacli.cli.app import Device, DeviceOpt, Dtype, ModelOpt, RevisionOpt, app, errors, note, resolve
+from llamacli.cli.app import (Device, DeviceOpt, Dtype, ModelOpt, RevisionOpt, TensorParallelOpt, app, errors, note,
+                              resolve, start_distributed)
 from llamacli.errors import UsageError
 
 
@@ -28,6 +29,7 @@ def bench(
                                                    help="CPU threads (default: torch's choice).")] = None,
     revision: RevisionOpt = None,
     as_json: Annotated[bool, typer.Option("--json", help="One JSON object on stdout, for scripts.")] = False,
+    tensor_parallel: TensorParallelOpt = False,
 ) -> None:
     """Measure prefill and decode speed, peak memory and decode's share of the memory bandwidth."""
     with errors():
@@ -36,9 +38,16 @@ def bench(
         prompts = parse_int_list(prompt_tokens, "--prompt-tokens")
         batches = parse_int_list(batch_size, "--batch-size")
         dtypes = parse_dtypes(dtype)
+        start_distributed(device)
         folder = resolve(model, revision, Dtype(dtypes[0]))
+        shard = None
+        if tensor_parallel:
+            from llamacli import parallel
+            from llamacli.config import load_config
+
+            shard = parallel.ShardPlan.for_config(load_config(folder), parallel.rank(), parallel.world_size())
         report = run_bench(folder, prompts, gen_tokens, batches, dtypes, device=device.value,
-                           repetitions=repetitions, threads=threads, model_name=model)
+                           repetitions=repetitions, threads=threads, model_name=model, shard=shard)
     if as_json:
         print(json.dumps(report.as_dict()), flush=True)
         return

@@ -9,9 +9,10 @@ import typer
 
 from llamacli.cli.app import (Device, DeviceOpt, Dtype, DtypeOpt, MaxNewOpt, MinPOpt, ModelOpt, RepPenaltyOpt,
                               RevisionOpt, SeedOpt, StatsOpt, StopOpt, SystemOpt, TemperatureOpt, TemplateOpt,
-                              TokenizerOpt, TopKOpt, TopPOpt, app, check_sampling, errors, load_engine, note)
+                              TensorParallelOpt, TokenizerOpt, TopKOpt, TopPOpt, app, check_sampling, errors,
+                              load_engine, note, shared_seed, start_distributed)
 from llamacli.cli.repl import ChatLoop
-from llamacli.errors import TokenizerError
+from llamacli.errors import TokenizerError, UsageError
 from llamacli.prompts import sampling_params
 
 
@@ -39,6 +40,7 @@ def chat(
     as_json: Annotated[bool, typer.Option(
         "--json", help='One JSON object per turn: {"role", "content", "token_ids", "prompt_token_ids", '
                        '"prefill_tokens", "finish_reason"}.')] = False,
+    tensor_parallel: TensorParallelOpt = False,
 ) -> None:
     """Chat with the model; the KV cache is kept across turns.
 
@@ -48,16 +50,44 @@ def chat(
         check_sampling(temperature, top_k, top_p, min_p, repetition_penalty, seed=seed, system=system, stop=stop)
         from llamacli.generation import ChatSession
 
-        engine, folder, load_s = load_engine(model, revision, dtype, device, tokenizer, chat_template)
+        start_distributed(device)
+        from llamacli import parallel
+
+        if parallel.world_size() > 1 and not tensor_parallel:
+            raise UsageError(f"under torchrun ({parallel.world_size()} ranks) chat needs --tensor-parallel")
+        seed = shared_seed(seed)
+        engine, folder, load_s = load_engine(model, revision, dtype, device, tokenizer, chat_template,
+                                             tensor_parallel)
         if engine.chat_template is None:
             raise TokenizerError(f"{folder}: this model has no chat template; chat needs one "
                                  "(pass --chat-template FILE, or use generate --raw)")
         sampling = sampling_params(engine.config.generation, temperature, top_k, top_p, min_p, repetition_penalty)
         session = ChatSession(engine, system=system, max_context=max_context)
         loop = ChatLoop(engine, session, sampling, seed, max_new_tokens, tuple(stop or ()), as_json, stats)
-        interactive = sys.stdin.isatty()
+        interactive = parallel.broadcast_object(sys.stdin.isatty())  # rank 0's terminal
+        if parallel.world_size() > 1:
+            loop.read = _read_on_rank0(loop.read)
         if interactive:
             note(f"loaded {model} in {load_s:.1f} s; /help for commands, /exit or Ctrl-D to quit")
         failed = loop.run(interactive)
     if failed:
         raise typer.Exit(1)
+
+
+def _read_on_rank0(read):
+    """The loop's `read` under tensor parallelism: rank 0 reads its terminal and every rank gets the same line."""
+    from llamacli import parallel
+
+    def shared(interactive: bool) -> Optional[str]:
+        got = None
+        if parallel.rank() == 0:
+            try:
+                got = ("line", read(interactive))
+            except KeyboardInterrupt:
+                got = ("interrupt", None)
+        kind, line = parallel.broadcast_object(got)
+        if kind == "interrupt":
+            raise KeyboardInterrupt
+        return line
+
+    return shared

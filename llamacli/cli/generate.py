@@ -11,8 +11,9 @@ import typer
 
 from llamacli.cli.app import (DeviceOpt, Device, Dtype, DtypeOpt, IgnoreEosOpt, MaxNewOpt, MinPOpt, ModelOpt,
                               RepPenaltyOpt, RevisionOpt, SeedOpt, StatsOpt, StopOpt, SystemOpt, TemperatureOpt,
-                              TemplateOpt, TokenizerOpt, TopKOpt, TopPOpt, app, check_sampling, errors, load_engine,
-                              note, read_text_arg, stats_line, stderr, stop_on_interrupt, write)
+                              TemplateOpt, TensorParallelOpt, TokenizerOpt, TopKOpt, TopPOpt, app, check_sampling,
+                              errors, load_engine, note, read_text_arg, shared_seed, start_distributed, stats_line,
+                              stderr, stop_on_interrupt, write)
 from llamacli.errors import TokenizerError, UsageError
 from llamacli.prompts import default_max_new_tokens, encode_prompt, sampling_params
 from llamacli.request import Finished, Request, TokenEvent
@@ -69,10 +70,12 @@ def generate(
         "--overwrite", help="Batch mode: replace an existing --output. The old file stays until this run has "
                             "written a row: it is replaced at the end, or when the run stops early with rows "
                             "written (then --resume continues them).", rich_help_panel=_BATCH)] = False,
+    tensor_parallel: TensorParallelOpt = False,
 ) -> None:
     """Generate text after a prompt, streamed to stdout (status and stats go to stderr)."""
     with errors(), stop_on_interrupt():  # a second Ctrl-C while stopping is ignored, not a traceback
         check_sampling(temperature, top_k, top_p, min_p, repetition_penalty, seed=seed, system=system, stop=stop)
+        start_distributed(device)
         if raw and system:
             raise UsageError("--system needs the chat template; it cannot be used with --raw")
         if logprobs and not as_json and prompts_file is None:
@@ -84,17 +87,23 @@ def generate(
         elif prompt is not None or prompt_file is not None:
             raise UsageError("pass either --prompts-file (batch) or --prompt / --prompt-file, not both")
 
+        sharded = check_launch(prompts_file, output, tensor_parallel)
+        seed = shared_seed(seed) if tensor_parallel else seed
         # Batch mode reads its input and checks its output before the (slow) model load.
-        prepared = prepare_batch(prompts_file, output, resume, overwrite) if prompts_file is not None else None
-        engine, _, load_s = load_engine(model, revision, dtype, device, tokenizer, chat_template)
+        if sharded:
+            prepared = prepare_sharded_batch(prompts_file, output, resume, overwrite)
+        else:
+            prepared = prepare_batch(prompts_file, output, resume, overwrite) if prompts_file is not None else None
+        engine, _, load_s = load_engine(model, revision, dtype, device, tokenizer, chat_template, tensor_parallel)
         gen = engine.config.generation
         sampling = sampling_params(gen, temperature, top_k, top_p, min_p, repetition_penalty)
         request = Request(max_new_tokens=max_new_tokens or default_max_new_tokens(gen), sampling=sampling,
                           seed=seed, stop=tuple(stop or ()), ignore_eos=ignore_eos, logprobs=logprobs)
         if prepared is not None:
             # `--system ""` is no system message, as in llamacli.prompts (batch reads None as "none").
-            run_batch_mode(engine, prepared, request, output=output, batch_size=batch_size, raw=raw,
-                           system=system or None, cap_to_context=max_new_tokens is None)
+            run = run_sharded_batch if sharded else run_batch_mode
+            run(engine, prepared, request, output=output, batch_size=batch_size, raw=raw, system=system or None,
+                cap_to_context=max_new_tokens is None)
             return
         if not raw and engine.chat_template is None:
             raise TokenizerError("this model has no chat template: pass --raw to send the prompt as it is, "
@@ -162,15 +171,96 @@ def prepare_batch(prompts_file: Path, output: Optional[Path], resume: bool, over
     from llamacli.batch import prepare_output, read_rows
     from llamacli.batch_output import check_not_input
 
+    from llamacli import parallel
+
     target = "-" if output is None else output
     check_not_input(target, prompts_file)  # before reading: stdin redirected from the output is read only once
     rows = read_rows(prompts_file)
     done_ids, opener = prepare_output(target, resume, rows=rows, overwrite=overwrite, source=prompts_file)
+    if parallel.rank() != 0:  # tensor-parallel ranks run every row with rank 0; rank 0 alone writes
+        opener = _discard
     return rows, done_ids, opener
 
 
+def _discard():
+    import contextlib
+    import os
+
+    return contextlib.closing(open(os.devnull, "w", encoding="utf-8"))
+
+
+def check_launch(prompts_file: Optional[Path], output: Optional[Path], tensor_parallel: bool) -> bool:
+    """Under torchrun: what the ranks share (UsageError for what they cannot). True for a data-parallel batch."""
+    from llamacli import parallel
+
+    if parallel.world_size() == 1:
+        return False
+    if prompts_file is not None and str(prompts_file) == "-":
+        raise UsageError("under torchrun every rank reads --prompts-file: pass a file, not '-' (standard input)")
+    if tensor_parallel:
+        return False
+    if prompts_file is None:
+        raise UsageError(f"under torchrun ({parallel.world_size()} ranks) one prompt needs --tensor-parallel; "
+                         "a --prompts-file batch without it is split across the ranks")
+    if output is None or str(output) == "-":
+        raise UsageError("a batch split across torchrun ranks needs --output FILE (each rank writes a part of it)")
+    return True
+
+
+def prepare_sharded_batch(prompts_file: Path, output: Path, resume: bool, overwrite: bool):
+    """A data-parallel batch, before the model load: rank 0 folds the parts an unfinished run left into the output
+    (with --resume) or drops them (--overwrite); then every rank reads the rows and what is done.
+
+    Returns (rows, done_ids, keep): `keep` says whether the output's rows stay in the merged file."""
+    from llamacli import batch_shards, parallel
+
+    leftover = batch_shards.check_parts(output, resume, overwrite)  # every rank: the same answer
+    if parallel.rank() == 0 and leftover:
+        if resume:
+            from llamacli.batch import read_rows
+
+            batch_shards.merge(output, read_rows(prompts_file), leftover)
+        else:
+            for part in leftover:
+                part.unlink(missing_ok=True)
+    parallel.barrier()
+    rows, done_ids, _ = prepare_batch(prompts_file, output, resume, overwrite)
+    return rows, done_ids, not overwrite
+
+
+def run_sharded_batch(engine, prepared, request: Request, *, output: Path, batch_size: int, raw: bool,
+                      system: Optional[str], cap_to_context: bool) -> None:
+    """This rank's share of the rows to do into its part file; rank 0 then merges every part into --output.
+
+    A rank that fails leaves its finished rows in its part (merged by rank 0 now, or by the next --resume).
+    """
+    from llamacli import batch_shards, parallel
+    from llamacli.batch import rows_to_run
+
+    rows, done_ids, keep = prepared
+    rank, world = parallel.rank(), parallel.world_size()
+    mine = batch_shards.share(rows_to_run(rows, done_ids), rank, world)
+    part = batch_shards.part_path(output, rank, world)
+    finished = False
+    try:
+        run_batch_mode(engine, (mine, {}, lambda: open(part, "w", encoding="utf-8")), request, output=part,
+                       batch_size=batch_size, raw=raw, system=system, cap_to_context=cap_to_context,
+                       final_note=False)
+        parallel.wait_all()  # ranks finish their shares at different times: no collective timeout here
+        finished = True
+    finally:
+        if rank == 0:
+            parts = [batch_shards.part_path(output, r, world) for r in range(world)]
+            merged = batch_shards.merge(output, rows, parts, keep_output=keep, remove=finished)
+            note(f"batch: {merged.ok + merged.failed} rows from {world} ranks merged into {output} "
+                 f"({merged.ok} ok, {merged.failed} failed, {merged.generated_tokens} tokens)"
+                 + ("" if finished else "; a rank did not finish: run again with --resume for the rest"))
+    if rank == 0 and merged.failed:
+        raise typer.Exit(1)
+
+
 def run_batch_mode(engine, prepared, request: Request, *, output: Optional[Path], batch_size: int, raw: bool,
-                   system: Optional[str], cap_to_context: bool) -> None:
+                   system: Optional[str], cap_to_context: bool, final_note: bool = True) -> None:
     """One JSONL result per input row to --output (stdout by default), progress on stderr.
 
     `request` carries the defaults (sampling, seed, stop strings, max_new_tokens, logprobs); with
@@ -210,6 +300,8 @@ def run_batch_mode(engine, prepared, request: Request, *, output: Optional[Path]
             else:
                 note(f"interrupted before any row was written to {where}")
             raise typer.Exit(130) from None
+    if not final_note:
+        return
     skipped = f", {summary.skipped} skipped (already in the output)" if summary.skipped else ""
     note(f"batch: {summary.done} rows written to {where} ({summary.ok} ok, {summary.failed} failed){skipped}; "
          f"{summary.generated_tokens} tokens in {summary.elapsed_s:.1f} s ({summary.tokens_per_s:.1f} tok/s)")

@@ -8,8 +8,9 @@ from typing import Annotated, Optional
 
 import typer
 
-from llamacli.cli.app import (Device, DeviceOpt, Dtype, DtypeOpt, ModelOpt, RevisionOpt, TokenizerOpt, app, errors,
-                              load_engine, note, progress_bar, read_text_arg)
+from llamacli.cli.app import (Device, DeviceOpt, Dtype, DtypeOpt, ModelOpt, RevisionOpt, TensorParallelOpt,
+                              TokenizerOpt, app, errors, load_engine, note, progress_bar, read_text_arg,
+                              start_distributed)
 from llamacli.errors import UsageError
 from llamacli.prompts import encode_raw
 
@@ -34,15 +35,17 @@ def perplexity(
     as_json: Annotated[bool, typer.Option(
         "--json", help='Print {"perplexity", "token_ids", "logprobs"}; logprobs[i] is log p(token_ids[i+1]).')]
     = False,
+    tensor_parallel: TensorParallelOpt = False,
 ) -> None:
     """Perplexity of a text under the model, in sliding windows (how to check a checkpoint or a dtype)."""
     with errors():
         from llamacli.perplexity import check_window, compute_perplexity
 
+        start_distributed(device)
         body = read_text_arg(text, text_file, "--text", "--text-file")
         if context is not None and stride is not None:
             check_window(context, stride, context)  # the model's context is checked once it is loaded
-        engine, _, _ = load_engine(model, revision, dtype, device, tokenizer)
+        engine, _, _ = load_engine(model, revision, dtype, device, tokenizer, tensor_parallel=tensor_parallel)
         ctx = context or min(engine.config.context_length, 1024)
         step = stride or max(1, ctx // 2)
         ids = encode_raw(engine.tokenizer, body)

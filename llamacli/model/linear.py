@@ -9,6 +9,9 @@ store weights (int8, int4, a tensor-parallel shard) is a new class here, never a
 - `Transposed`: fp32 on a CPU, stored (in, out): MKL reads it about 1.4x faster for a single row that way
   (x @ W rather than x @ W.T) and as fast for many rows.
 - `Packed`: reordered once into oneDNN's blocked layout (fp32, and bf16 where the CPU has native bf16).
+
+Tensor parallelism wraps a rank's shard (any of the formats above) in `AllReduced` (o and down: the ranks'
+partial sums added) or `Gathered` (the lm_head: the ranks' vocabulary columns concatenated).
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from abc import ABC, abstractmethod
 
 import torch
 
+from llamacli import parallel
 from llamacli.model.cpu import HALF_PACK_ROWS_MIN, PACK_ROWS_HINT, onednn_available, will_pack
 
 
@@ -121,3 +125,33 @@ def build_linear(weights: list[torch.Tensor], biases: list[torch.Tensor | None] 
     if biases is not None and biases[0] is not None:
         bias = torch.cat([b.detach() for b in biases], 0)  # (sum of out,)
     return format_for(w.dtype, w.device, pack)(w, bias)
+
+
+class AllReduced(LinearFormat):
+    """A row-parallel shard (this rank's input columns): its product summed over the ranks (one all-reduce)."""
+
+    def __init__(self, shard: LinearFormat):
+        self.shard = shard
+        self.in_features, self.out_features = shard.in_features, shard.out_features  # this rank's inputs
+        self.dtype, self.nbytes = shard.dtype, shard.nbytes
+
+    def mm(self, x: torch.Tensor) -> torch.Tensor:
+        """x (N, in / world) -> the whole product (N, out), the same on every rank."""
+        return parallel.all_reduce(self.shard.mm(x))
+
+
+class Gathered(LinearFormat):
+    """A column-parallel shard (this rank's `chunk` output rows, the last rank's maybe fewer): the ranks' outputs
+    concatenated and cut to `out_features` (one all-gather)."""
+
+    def __init__(self, shard: LinearFormat, chunk: int, out_features: int):
+        self.shard, self.chunk = shard, chunk
+        self.in_features, self.out_features = shard.in_features, out_features
+        self.dtype, self.nbytes = shard.dtype, shard.nbytes
+
+    def mm(self, x: torch.Tensor) -> torch.Tensor:
+        """x (N, in) -> (N, out): every rank's columns, in rank order."""
+        y = self.shard.mm(x)  # (N, rows of this rank)
+        if y.shape[-1] < self.chunk:  # the last rank's share is short: pad so that every rank sends as much
+            y = torch.nn.functional.pad(y, (0, self.chunk - y.shape[-1]))
+        return parallel.all_gather_last(y)[..., :self.out_features]

@@ -61,6 +61,7 @@ class Runtime:
         self.layers = layers
         self.norm = norm  # (dim,)
         self.embed = embed  # (vocab, dim)
+        self.lookup = self._lookup  # tokens (N,) -> (N, dim); a tensor-parallel rank looks up its vocabulary share
         self.lm_head = lm_head  # dim -> vocab
         self._dtype, self._device = embed.dtype, embed.device
         self._rope = RopeCache(config)
@@ -183,7 +184,7 @@ class Runtime:
             offset += B * T
 
         tokens = parts[0][0].reshape(N) if len(parts) == 1 else torch.cat([t.reshape(-1) for t, _, _, _ in parts])
-        x = F.embedding(tokens, self.embed).to(compute)  # (N, dim)
+        x = self.lookup(tokens).to(compute)  # (N, dim)
         for i, L in enumerate(self.layers):
             # With last_only, the last layer needs only each row's last position past its cache writes: that
             # query alone attends, and the output projection and MLP run on those rows (2.8% of a prefill).
@@ -239,6 +240,9 @@ class Runtime:
             raise ValueError("several parts give last-position logits only (last_only=True)")
         B, T = views[0][1], views[0][2]
         return self._head(x).view(B, T, -1)
+
+    def _lookup(self, tokens: torch.Tensor) -> torch.Tensor:
+        return F.embedding(tokens, self.embed)
 
     def _head(self, x: torch.Tensor) -> torch.Tensor:
         """Final norm and lm_head for rows x (n, dim), in the compute dtype of n rows (a prefill's last
