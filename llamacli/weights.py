@@ -113,17 +113,14 @@ def load_model(folder: str | Path, dtype: str = "auto", device: str = "auto", co
     return model
 
 
-def _quantization(folder: Path, quantize: str | None, group_size: int | None) -> layout.Quantization | None:
-    """The quantization a load ends up in: the checkpoint's own, or --quantize's (UsageError for a bad mix)."""
-    stored = layout.read_quantization(folder)
+def check_quantize(quantize: str | None, group_size: int | None) -> layout.Quantization | None:
+    """The quantization --quantize / --group-size ask for (None: none); UsageError for a bad value or mix."""
     if quantize is None:
         if group_size is not None:
             raise UsageError("--group-size applies to --quantize int4 only")
-        return stored
+        return None
     if quantize not in QUANTIZE_BITS:
         raise UsageError(f"unknown quantization '{quantize}' (choose {', '.join(QUANTIZE_BITS)})")
-    if stored is not None:
-        raise UsageError(f"{folder} is already quantized ({stored.describe()}); load it without --quantize")
     bits = QUANTIZE_BITS[quantize]
     if bits == 8:
         if group_size is not None:
@@ -134,6 +131,14 @@ def _quantization(folder: Path, quantize: str | None, group_size: int | None) ->
         raise UsageError(f"--group-size {group} is not supported (choose "
                          f"{', '.join(map(str, layout.QUANT_GROUP_SIZES))})")
     return layout.Quantization(4, group)
+
+
+def _quantization(folder: Path, quantize: str | None, group_size: int | None) -> layout.Quantization | None:
+    """The quantization a load ends up in: the checkpoint's own, or --quantize's (UsageError for a bad mix)."""
+    asked, stored = check_quantize(quantize, group_size), layout.read_quantization(folder)
+    if asked is not None and stored is not None:
+        raise UsageError(f"{folder} is already quantized ({stored.describe()}); load it without --quantize")
+    return asked or stored
 
 
 class _Reader:
@@ -193,7 +198,8 @@ def load_quantized(config: LlamaConfig, used: dict[str, layout.TensorInfo], quan
         a, m = f"{p}.self_attn", f"{p}.mlp"
         layers.append(RuntimeLayer(
             vector(f"{p}.input_layernorm.weight"),
-            linear(a, ["q_proj", "k_proj", "v_proj"], config.attention_bias), linear(a, ["o_proj"], config.attention_bias),
+            linear(a, ["q_proj", "k_proj", "v_proj"], config.attention_bias),
+            linear(a, ["o_proj"], config.attention_bias),
             vector(f"{p}.post_attention_layernorm.weight"),
             linear(m, ["gate_proj", "up_proj"], config.mlp_bias), linear(m, ["down_proj"], config.mlp_bias)))
         reader.release()

@@ -7,6 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
+from llamacli.cli.app import GroupSizeOpt, QuantizeOpt
 from llamacli.cli.app import (Device, DeviceOpt, Dtype, DtypeOpt, MaxNewOpt, MinPOpt, ModelOpt, RepPenaltyOpt,
                               RevisionOpt, SeedOpt, StatsOpt, StopOpt, SystemOpt, TemperatureOpt, TemplateOpt,
                               TokenizerOpt, TopKOpt, TopPOpt, app, check_sampling, errors, load_engine, note)
@@ -29,6 +30,8 @@ def chat(
     stop: StopOpt = None,
     dtype: DtypeOpt = Dtype.auto,
     device: DeviceOpt = Device.auto,
+    quantize: QuantizeOpt = None,
+    group_size: GroupSizeOpt = None,
     revision: RevisionOpt = None,
     tokenizer: TokenizerOpt = None,
     chat_template: TemplateOpt = None,
@@ -48,7 +51,8 @@ def chat(
         check_sampling(temperature, top_k, top_p, min_p, repetition_penalty)
         from llamacli.generation import ChatSession
 
-        engine, folder, load_s = load_engine(model, revision, dtype, device, tokenizer, chat_template)
+        engine, folder, load_s = load_engine(model, revision, dtype, device, tokenizer, chat_template,
+                                             quantize, group_size)
         if engine.chat_template is None:
             raise TokenizerError(f"{folder}: this model has no chat template; chat needs one "
                                  "(pass --chat-template FILE, or use generate --raw)")
