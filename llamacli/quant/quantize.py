@@ -40,12 +40,26 @@ class QuantizedTensor(NamedTuple):
         return out
 
 
+# Rows are quantized in blocks of about this many elements, so the float temporaries stay small next to the
+# matrix (a 128k x 4096 embedding table would otherwise take several float copies of itself at once).
+BLOCK_ELEMENTS = 1 << 20
+
+
+def _row_blocks(w: torch.Tensor):
+    rows = max(1, BLOCK_ELEMENTS // max(1, w.shape[1]))
+    for start in range(0, w.shape[0], rows):
+        yield w[start:start + rows]
+
+
 def quantize_int8(w: torch.Tensor) -> QuantizedTensor:
     """Symmetric per-row int8: scale = max |w| / 127 per row, q = round(w / scale) in [-127, 127]."""
-    w = w.detach().float()
-    scales = (w.abs().amax(dim=1) / 127).clamp(min=torch.finfo(torch.float32).tiny)  # (out,)
-    q = torch.round(w / scales[:, None]).clamp(-127, 127).to(torch.int8)
-    return QuantizedTensor(8, q, scales, None, None)
+    qs, ss = [], []
+    for block in _row_blocks(w.detach()):
+        block = block.float()
+        scales = (block.abs().amax(dim=1) / 127).clamp(min=torch.finfo(torch.float32).tiny)  # (rows,)
+        qs.append(torch.round(block / scales[:, None]).clamp(-127, 127).to(torch.int8))
+        ss.append(scales)
+    return QuantizedTensor(8, torch.cat(qs), torch.cat(ss), None, None)
 
 
 def check_group_size(name: str, shape: tuple[int, ...], group_size: int) -> None:
@@ -60,15 +74,19 @@ def check_group_size(name: str, shape: tuple[int, ...], group_size: int) -> None
 def quantize_int4(w: torch.Tensor, group_size: int = 32, name: str = "weight") -> QuantizedTensor:
     """Asymmetric int4 per group of `group_size` columns: w ~ q * scale + bias with q in [0, 15]."""
     check_group_size(name, tuple(w.shape), group_size)
-    w = w.detach().float()
-    N, K = w.shape
-    g = w.view(N, K // group_size, group_size)  # (out, groups, group)
-    lo, hi = g.amin(-1), g.amax(-1)
-    scales = ((hi - lo) / 15).to(INT4_SCALE_DTYPE)
-    scales = torch.where(scales == 0, torch.ones_like(scales), scales)  # a constant group: q = 0, w = bias
-    biases = lo.to(INT4_SCALE_DTYPE)
-    q = torch.round((g - biases.float()[..., None]) / scales.float()[..., None]).clamp(0, 15).to(torch.uint8)
-    return QuantizedTensor(4, pack_int4(q.view(N, K)), scales, biases, group_size)
+    qs, ss, bs = [], [], []
+    for block in _row_blocks(w.detach()):
+        N, K = block.shape
+        g = block.float().reshape(N, K // group_size, group_size)  # (rows, groups, group)
+        lo, hi = g.amin(-1), g.amax(-1)
+        scales = ((hi - lo) / 15).to(INT4_SCALE_DTYPE)
+        scales = torch.where(scales == 0, torch.ones_like(scales), scales)  # a constant group: q = 0, w = bias
+        biases = lo.to(INT4_SCALE_DTYPE)
+        q = torch.round((g - biases.float()[..., None]) / scales.float()[..., None]).clamp(0, 15).to(torch.uint8)
+        qs.append(pack_int4(q.view(N, K)))
+        ss.append(scales)
+        bs.append(biases)
+    return QuantizedTensor(4, torch.cat(qs), torch.cat(ss), torch.cat(bs), group_size)
 
 
 def quantize_matrix(w: torch.Tensor, bits: int, group_size: int | None, name: str = "weight") -> QuantizedTensor:
