@@ -23,17 +23,24 @@ from llamacli.quant.quantize import quantize_matrix
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pth", ".pt", ".ckpt")
 
 
-def quantize_tensors(folder: Path, quant: layout.Quantization,
-                     progress: Callable[[int, int, str], None] | None = None) -> dict[str, torch.Tensor]:
-    """Every tensor of a float checkpoint in the quantized layout (name -> tensor), read one at a time."""
-    from safetensors import safe_open
-
+def check_quantizable(folder: Path, quant: layout.Quantization) -> tuple[dict, dict]:
+    """(the checked tensors, the float table) of a float checkpoint that `quant` applies to; from the headers
+    only, so a quantized source or a group size that does not divide a matrix fails before any work."""
     config = load_config(folder)
     if layout.read_quantization(folder) is not None:
         raise UsageError(f"{folder} is already quantized; quantize its float checkpoint instead")
     used = layout.checkpoint_tensors(config, folder)
     float_table = layout.expected_tensors(config, lm_head="lm_head.weight" in used)
-    layout.quantized_table(float_table, quant)  # a group size that does not divide a matrix fails here, at once
+    layout.quantized_table(float_table, quant)
+    return used, float_table
+
+
+def quantize_tensors(folder: Path, quant: layout.Quantization,
+                     progress: Callable[[int, int, str], None] | None = None) -> dict[str, torch.Tensor]:
+    """Every tensor of a float checkpoint in the quantized layout (name -> tensor), read one at a time."""
+    from safetensors import safe_open
+
+    used, float_table = check_quantizable(folder, quant)
     out: dict[str, torch.Tensor] = {}
     handles = {}
     for done, (name, info) in enumerate(used.items()):
