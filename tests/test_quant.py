@@ -199,3 +199,35 @@ def test_cli_quantize_then_generate_and_errors(tiny_chat_dir, tmp_path):
     assert "group size 128 does not divide" in bad.stderr and not (tmp_path / "x").exists()
     shown = run("inspect", "-m", str(out))
     assert shown.returncode == 0 and "int4 groups of 64" in shown.stdout
+
+
+ENGLISH = Path(__file__).parent / "data" / "english.txt"  # prose written for these tests (public domain)
+GREEDY_PROMPTS = ["The capital of France is", "Once upon a time, there was a", "The best way to learn to code is",
+                  "Water boils at a temperature of", "The three primary colours are",
+                  "In the morning, I like to", "A lighthouse keeper must", "The largest planet in the solar system"]
+
+
+@pytest.mark.slow
+def test_smollm2_int8_perplexity_within_half_a_percent_and_greedy_agrees(smollm2_dir):
+    from llamacli.perplexity import compute_perplexity
+    from llamacli.prompts import encode_raw
+    from llamacli.tokenizer import load_tokenizer
+    from tests.test_model import greedy
+
+    tok = load_tokenizer(smollm2_dir)
+    ids = encode_raw(tok, ENGLISH.read_text(encoding="utf-8"))
+    assert len(ids) > 2000
+    ppl, outs = {}, {}
+    prompts = [encode_raw(tok, p) for p in GREEDY_PROMPTS]
+    for name, opts in {"fp32": {}, "int8": dict(quantize="int8"), "int4-g32": dict(quantize="int4")}.items():
+        model = load_model(smollm2_dir, dtype="float32", device="cpu", **opts)
+        with torch.inference_mode():
+            ppl[name] = compute_perplexity(model, ids, 1024, 512).perplexity
+            outs[name] = [greedy(model, p, 16, set()) for p in prompts]
+        del model
+    same = {name: sum(a == b for a, b in zip(outs[name], outs["fp32"])) for name in outs}
+    print(f"\nSmolLM2 perplexity over {len(ids)} tokens: {ppl}; greedy 16 tokens equal to fp32 on {same} "
+          f"of {len(prompts)} prompts")
+    assert abs(ppl["int8"] / ppl["fp32"] - 1) < 0.005
+    assert same["int8"] > len(prompts) // 2
+    assert ppl["int4-g32"] < ppl["fp32"] * 1.5  # reported; int4 costs more
