@@ -60,6 +60,7 @@ def _open(path: Path):
 
 
 QUANTIZE_BITS = {"int8": 8, "int4": 4}
+BLOCK_ROWS = 4096  # rows of a float matrix read and quantized at a time when quantizing at load
 
 
 def load_model(folder: str | Path, dtype: str = "auto", device: str = "auto", config: LlamaConfig | None = None,
@@ -158,6 +159,15 @@ class _Reader:
         except (SafetensorError, Exception) as exc:
             raise WeightsError(f"{path}: tensor '{name}' is truncated or corrupt ({exc})") from None
 
+    def rows(self, name: str, start: int, end: int) -> torch.Tensor:
+        """Rows [start, end) of the matrix `name` (a copy), its file closed again after."""
+        path = self.used[name].file
+        try:
+            with safe_open(str(path), framework="pt", device="cpu") as f:
+                return f.get_slice(name)[start:end].clone()
+        except (SafetensorError, Exception) as exc:
+            raise WeightsError(f"{path}: tensor '{name}' is truncated or corrupt ({exc})") from None
+
     def release(self) -> None:
         """Close every open file, and hand freed heap back to the system (glibc keeps it otherwise)."""
         self.handles.clear()
@@ -182,6 +192,7 @@ def load_quantized(config: LlamaConfig, used: dict[str, layout.TensorInfo], quan
     (`stored`) or by quantizing a float checkpoint's; memory peaks at the quantized model plus one float layer."""
     from llamacli.model.runtime import RuntimeLayer
     from llamacli.quant import QuantizedTensor, build_quantized, quantize_matrix
+    from llamacli.quant.quantize import concat
 
     reader = _Reader(used)
 
@@ -191,8 +202,11 @@ def load_quantized(config: LlamaConfig, used: dict[str, layout.TensorInfo], quan
         if stored:
             t = QuantizedTensor(bits, reader.get(name), reader.get(f"{prefix}.scales"),
                                 reader.get(f"{prefix}.biases") if bits == 4 else None, group)
-        else:
-            t = quantize_matrix(reader.get(name), bits, group, name)  # (quantize_* copy to float32 first)
+        else:  # in blocks of rows, each read with its file closed after: a big table never sits in memory
+            rows = used[name].shape[0]
+            t = concat([quantize_matrix(reader.rows(name, r, min(r + BLOCK_ROWS, rows)), bits, group, name)
+                        for r in range(0, rows, BLOCK_ROWS)])
+            _malloc_trim()
         return QuantizedTensor(*(p if p is None or not isinstance(p, torch.Tensor) else p.to(dev, copy=True)
                                  for p in t))
 
