@@ -189,8 +189,10 @@ def bench_model(model: Llama, prompt_tokens: list[int], gen_tokens: int, batch_s
 
 def run_bench(folder, prompt_tokens: list[int], gen_tokens: int, batch_sizes: list[int], dtypes: list[str],
               device: str = "auto", repetitions: int = 5, threads: int | None = None,
-              model_name: str | None = None, shard=None) -> BenchReport:
-    """Load the checkpoint once per dtype and bench it; measure the memory bandwidth first.
+              model_name: str | None = None, quantize: list[str | None] | None = None,
+              group_size: int | None = None, shard=None) -> BenchReport:
+    """Load the checkpoint once per dtype and quantization (None: as stored) and bench it, then measure the
+    memory bandwidth; a quantized row's dtype reads 'float32+int8' (activations + weights).
 
     `shard` (a `parallel.ShardPlan`): bench this tensor-parallel rank's shard (run by every rank at once)."""
     from llamacli.weights import load_model, resolve_device
@@ -203,9 +205,14 @@ def run_bench(folder, prompt_tokens: list[int], gen_tokens: int, batch_sizes: li
         torch.set_num_threads(threads)
     dev = resolve_device(device)
     rows = []
-    for dtype in dtypes:
-        model = load_model(folder, dtype=dtype, device=str(dev), shard=shard)
-        rows += bench_model(model, prompt_tokens, gen_tokens, batch_sizes, repetitions)
+    for dtype, quant in [(d, q) for d in dtypes for q in (quantize or [None])]:
+        model = load_model(folder, dtype=dtype, device=str(dev), quantize=quant,
+                           group_size=group_size if quant == "int4" else None, shard=shard)
+        new_rows = bench_model(model, prompt_tokens, gen_tokens, batch_sizes, repetitions)
+        if quant is not None:
+            for row in new_rows:
+                row.dtype += f"+{quant}" + (f"g{group_size or 32}" if quant == "int4" else "")
+        rows += new_rows
         del model
         gc.collect()
     # Measured last, so that its large buffers do not count in the peak memory reported for the model.

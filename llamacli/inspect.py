@@ -7,6 +7,7 @@ that load, and tells a broken or truncated one apart from a good one. No torch h
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 from llamacli import layout
@@ -27,13 +28,17 @@ def inspect_checkpoint(folder: str | Path, dtype: str = "auto") -> dict:
     folder = Path(folder)
     config = load_config(folder)
     files = layout.weight_files(folder)
-    used = layout.check_tensors(config, layout.read_tensors(folder, files), folder)
-    table = layout.expected_tensors(config)  # bounded: the check above found every layer stored
+    quant = layout.read_quantization(folder)
+    used = layout.check_tensors(config, layout.read_tensors(folder, files), folder, quant)
+    # Bounded: the check above found every layer stored. Parameters count the float matrices a quantized
+    # tensor stands for (its `.weight` keeps the float name), not its bytes or its scales.
+    table = layout.expected_tensors(config, lm_head="lm_head.weight" in used)
 
     by_kind = dict.fromkeys(layout.KINDS, 0)
     stored: dict[str, int] = {}
     for t in used.values():
-        by_kind[table[t.name].kind] += t.numel
+        if t.name in table:
+            by_kind[table[t.name].kind] += math.prod(table[t.name].shape)
         name = layout.SAFETENSORS_DTYPES[t.dtype].name
         stored[name] = stored.get(name, 0) + t.numel
     total = sum(by_kind.values())
@@ -47,6 +52,16 @@ def inspect_checkpoint(folder: str | Path, dtype: str = "auto") -> dict:
     per_token = layout.kv_bytes_per_token(config, dtype)
     kv_full = per_token * config.context_length
     weights_bytes = total * layout.dtype_bytes(dtype)
+    quantization = None
+    if quant is not None:
+        qtable = layout.quantized_table(table, quant)
+        packed = [t for t in used.values() if qtable[t.name].dtype is not None]  # int weights and their scales
+        q_bytes = sum(t.numel * layout.SAFETENSORS_DTYPES[t.dtype].nbytes for t in packed)
+        q_params = sum(math.prod(table[t.name].shape) for t in packed if t.name in table)
+        weights_bytes = q_bytes + (total - q_params) * layout.dtype_bytes(dtype)  # norms, biases: in dtype
+        quantization = {**quant.config_entry(), "description": quant.describe(),
+                        "matrix_bytes_per_weight": q_bytes / max(q_params, 1),
+                        "bytes_per_weight": weights_bytes / max(total, 1)}
 
     layers = []
     for i in range(config.n_layers):
@@ -88,6 +103,7 @@ def inspect_checkpoint(folder: str | Path, dtype: str = "auto") -> dict:
         "disk": {"files": [p.name for p in files], "bytes": sum(p.stat().st_size for p in files),
                  "dtypes": stored},
         "dtype": dtype,
+        "quantization": quantization,
         "kv_cache_bytes_per_token": per_token,
         "kv_cache_bytes_full_context": kv_full,
         "weights_bytes": weights_bytes,

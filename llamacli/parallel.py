@@ -263,8 +263,8 @@ class VocabShardedEmbedding:
     def __init__(self, weight: torch.Tensor, start: int):
         self.weight, self.start = weight, start  # (stop - start, dim)
 
-    def __call__(self, tokens: torch.Tensor) -> torch.Tensor:
-        """tokens (N,) -> (N, dim), the same on every rank."""
+    def __call__(self, tokens: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """tokens (N,) -> (N, dim), the same on every rank (`dtype`: the Runtime's lookup signature; the table's)."""
         local = tokens - self.start
         mine = (local >= 0) & (local < self.weight.shape[0])
         x = F.embedding(local.clamp(0, self.weight.shape[0] - 1), self.weight)

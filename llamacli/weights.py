@@ -65,23 +65,40 @@ def _open(path: Path):
         raise WeightsError(f"{path}: not a readable safetensors file ({exc})") from None
 
 
+QUANTIZE_BITS = {"int8": 8, "int4": 4}
+BLOCK_ROWS = 4096  # rows of a float matrix read and quantized at a time when quantizing at load
+
+
 def load_model(folder: str | Path, dtype: str = "auto", device: str = "auto", config: LlamaConfig | None = None,
-               runtime: bool = True, pack: bool = True, shard: ShardPlan | None = None) -> Runtime | Llama:
+               runtime: bool = True, pack: bool = True, quantize: str | None = None,
+               group_size: int | None = None, shard: ShardPlan | None = None) -> Runtime | Llama:
     """Load a checkpoint folder strictly (names and shapes) in the chosen dtype and device.
 
     Returns the `Runtime` built from it (the default: fused q/k/v and gate/up, the reference weights released
     as they are laid out), or with `runtime=False` the reference `Llama` itself. `pack` lets the runtime
     prepack CPU weights for oneDNN (fp32, and bf16 where the CPU has native bf16): about twice as fast.
-    `shard` (a `parallel.ShardPlan`): read and run only this rank's slices (needs the runtime).
+    `quantize` ('int8' | 'int4', with `group_size` for int4, default 32) quantizes the matrices layer by layer
+    as they are read; a quantized checkpoint loads in its own quantization with no flag. `dtype` is then the
+    activations' (and norms') dtype. `shard` (a `parallel.ShardPlan`): read and run only this rank's slices
+    (needs the runtime; float weights only for now).
     """
     folder = Path(folder)
     config = config or load_config(folder)
+    quant = _quantization(folder, quantize, group_size)
     dev = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, dev, config)
     # Headers against the config first: a config claiming 10**6 layers must not build 10**6 modules.
-    used = layout.checkpoint_tensors(config, folder)
+    stored = layout.read_quantization(folder)
+    used = layout.check_tensors(config, layout.read_tensors(folder), folder, stored)
     if shard is not None and not runtime:
         raise ValueError("a tensor-parallel shard runs on the runtime only (runtime=True)")
+    if quant is not None:
+        if not runtime:
+            raise UsageError("a quantized model runs in the runtime only (runtime=False needs float weights)")
+        if shard is not None:
+            raise UsageError("tensor parallelism runs float weights only: drop --quantize (or the quantized "
+                             "checkpoint) with --tensor-parallel")
+        return load_quantized(config, used, quant, stored is not None, dev, torch_dtype)
     need, available = used, {name: t.file for name, t in used.items()}
     handles = {path: _open(path) for path in set(available.values())} if shard is None else {}
     use_embed_for_head = "lm_head.weight" not in used
@@ -120,6 +137,128 @@ def _sharded(rt: Runtime, shard: ShardPlan) -> Runtime:
     rt.lm_head = Gathered(rt.lm_head, shard.vocab_chunk, shard.config.vocab_size)
     rt.lookup = VocabShardedEmbedding(rt.embed, shard.vocab_range[0])
     return rt
+
+
+def check_quantize(quantize: str | None, group_size: int | None) -> layout.Quantization | None:
+    """The quantization --quantize / --group-size ask for (None: none); UsageError for a bad value or mix."""
+    if quantize is None:
+        if group_size is not None:
+            raise UsageError("--group-size applies to --quantize int4 only")
+        return None
+    if quantize not in QUANTIZE_BITS:
+        raise UsageError(f"unknown quantization '{quantize}' (choose {', '.join(QUANTIZE_BITS)})")
+    bits = QUANTIZE_BITS[quantize]
+    if bits == 8:
+        if group_size is not None:
+            raise UsageError("--group-size applies to --quantize int4 only (int8 is per row)")
+        return layout.Quantization(8)
+    group = 32 if group_size is None else group_size
+    if group not in layout.QUANT_GROUP_SIZES:
+        raise UsageError(f"--group-size {group} is not supported (choose "
+                         f"{', '.join(map(str, layout.QUANT_GROUP_SIZES))})")
+    return layout.Quantization(4, group)
+
+
+def _quantization(folder: Path, quantize: str | None, group_size: int | None) -> layout.Quantization | None:
+    """The quantization a load ends up in: the checkpoint's own, or --quantize's (UsageError for a bad mix)."""
+    asked, stored = check_quantize(quantize, group_size), layout.read_quantization(folder)
+    if asked is not None and stored is not None:
+        raise UsageError(f"{folder} is already quantized ({stored.describe()}); load it without --quantize")
+    return asked or stored
+
+
+class _Reader:
+    """Reads checkpoint tensors by name, opening each file on demand; `release()` closes them all, so the
+    memory-mapped pages touched so far leave the process (loading layer by layer stays bounded)."""
+
+    def __init__(self, used: dict[str, layout.TensorInfo]):
+        self.used, self.handles = used, {}
+
+    def get(self, name: str) -> torch.Tensor:
+        """The tensor `name` as stored."""
+        path = self.used[name].file
+        if path not in self.handles:
+            self.handles[path] = _open(path)
+        try:
+            return self.handles[path].get_tensor(name)
+        except (SafetensorError, Exception) as exc:
+            raise WeightsError(f"{path}: tensor '{name}' is truncated or corrupt ({exc})") from None
+
+    def rows(self, name: str, start: int, end: int) -> torch.Tensor:
+        """Rows [start, end) of the matrix `name` (a copy), its file closed again after."""
+        path = self.used[name].file
+        try:
+            with safe_open(str(path), framework="pt", device="cpu") as f:
+                return f.get_slice(name)[start:end].clone()
+        except (SafetensorError, Exception) as exc:
+            raise WeightsError(f"{path}: tensor '{name}' is truncated or corrupt ({exc})") from None
+
+    def release(self) -> None:
+        """Close every open file, and hand freed heap back to the system (glibc keeps it otherwise)."""
+        self.handles.clear()
+        _malloc_trim()
+
+
+def _malloc_trim() -> None:
+    """glibc's malloc_trim(0) where there is one: the float temporaries of a quantized layer leave the process."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+@torch.no_grad()
+def load_quantized(config: LlamaConfig, used: dict[str, layout.TensorInfo], quant: layout.Quantization,
+                   stored: bool, dev: torch.device, dtype: torch.dtype) -> Runtime:
+    """Build a Runtime with quantized matrices, one layer at a time: from a quantized checkpoint's tensors
+    (`stored`) or by quantizing a float checkpoint's; memory peaks at the quantized model plus one float layer."""
+    from llamacli.model.runtime import RuntimeLayer
+    from llamacli.quant import QuantizedTensor, build_quantized, quantize_matrix
+    from llamacli.quant.quantize import concat
+
+    reader = _Reader(used)
+
+    def matrix(name: str) -> QuantizedTensor:
+        bits, prefix = layout.matrix_bits(name, quant), name.removesuffix(".weight")
+        group = quant.group_size if bits == 4 else None
+        if stored:
+            t = QuantizedTensor(bits, reader.get(name), reader.get(f"{prefix}.scales"),
+                                reader.get(f"{prefix}.biases") if bits == 4 else None, group)
+        else:  # in blocks of rows, each read with its file closed after: a big table never sits in memory
+            rows = used[name].shape[0]
+            t = concat([quantize_matrix(reader.rows(name, r, min(r + BLOCK_ROWS, rows)), bits, group, name)
+                        for r in range(0, rows, BLOCK_ROWS)])
+            _malloc_trim()
+        return QuantizedTensor(*(p if p is None or not isinstance(p, torch.Tensor) else p.to(dev, copy=True)
+                                 for p in t))
+
+    def vector(name: str) -> torch.Tensor:
+        return reader.get(name).to(device=dev, dtype=dtype, copy=True)
+
+    def linear(prefix: str, parts: list[str], bias: bool):
+        names = [f"{prefix}.{p}" for p in parts]
+        return build_quantized([matrix(f"{n}.weight") for n in names],
+                               [vector(f"{n}.bias") for n in names] if bias else None)
+
+    layers = []
+    for i in range(config.n_layers):
+        p = f"model.layers.{i}"
+        a, m = f"{p}.self_attn", f"{p}.mlp"
+        layers.append(RuntimeLayer(
+            vector(f"{p}.input_layernorm.weight"),
+            linear(a, ["q_proj", "k_proj", "v_proj"], config.attention_bias),
+            linear(a, ["o_proj"], config.attention_bias),
+            vector(f"{p}.post_attention_layernorm.weight"),
+            linear(m, ["gate_proj", "up_proj"], config.mlp_bias), linear(m, ["down_proj"], config.mlp_bias)))
+        reader.release()
+    table = build_quantized([matrix("model.embed_tokens.weight")])
+    head = table if "lm_head.weight" not in used else build_quantized([matrix("lm_head.weight")])
+    norm = vector("model.norm.weight")
+    reader.release()
+    return Runtime(config, layers, norm, None, head, lookup=table.rows)
 
 
 def _assign(model: torch.nn.Module, name: str, param: torch.nn.Parameter) -> None:

@@ -9,6 +9,6 @@ Typer app, so `import llamacli.cli.app as m` gives the app too: import names fro
 from __future__ import annotations
 
 from llamacli.cli.app import app, main
-from llamacli.cli import convert, tokenize, generate, chat, serve, inspect, perplexity, bench  # noqa: F401,E402  (registers)
+from llamacli.cli import convert, tokenize, generate, chat, serve, inspect, perplexity, bench, quantize  # noqa: F401,E402  (registers)
 
 __all__ = ["app", "main"]

@@ -72,6 +72,19 @@ RevisionOpt = Annotated[Optional[str], typer.Option(
 DtypeOpt = Annotated[Dtype, typer.Option(
     "--dtype", help="Compute dtype; auto = float32 on CPU, the checkpoint's dtype on a GPU.")]
 DeviceOpt = Annotated[Device, typer.Option("--device", help="Where to run; auto = cuda, then mps, then cpu.")]
+class Quantize(str, Enum):
+    """--quantize of the commands that load a model."""
+
+    int8 = "int8"
+    int4 = "int4"
+
+
+QuantizeOpt = Annotated[Optional[Quantize], typer.Option(
+    "--quantize", "-q", show_default=False,
+    help="Quantize the weights as they load: int8 (per row) or int4 (per group; see --group-size). "
+         "A quantized checkpoint loads as it is, without this flag.")]
+GroupSizeOpt = Annotated[Optional[int], typer.Option(
+    "--group-size", show_default=False, help="Columns per int4 group: 32 (default), 64 or 128.")]
 TokenizerOpt = Annotated[Optional[Path], typer.Option("--tokenizer", help=_TOKENIZER_HELP, show_default=False)]
 TemplateOpt = Annotated[Optional[Path], typer.Option(
     "--chat-template", help="A Jinja chat template file; overrides the model's.", show_default=False)]
@@ -265,33 +278,29 @@ def resolve(model: str, revision: Optional[str], dtype: Dtype) -> Path:
 
 
 def load_engine(model: str, revision: Optional[str], dtype: Dtype, device: Device, tokenizer=None,
-                chat_template=None, tensor_parallel: bool = False):
-    """Resolve --model and load the engine; returns (engine, folder, seconds spent loading).
-
-    With `tensor_parallel` this rank loads only its shard (the shape is checked before any tensor is read)."""
+                chat_template=None, quantize: Optional[Quantize] = None, group_size: Optional[int] = None,
+                tensor_parallel: bool = False):
+    """Resolve --model and load the engine (quantized with --quantize; with `tensor_parallel` this rank loads
+    only its shard, the shape checked before any tensor is read); returns (engine, folder, seconds spent)."""
     import time
 
     from llamacli.generation import Engine
+    from llamacli.weights import check_quantize
 
+    quant = quantize.value if quantize else None
+    check_quantize(quant, group_size)  # before a download or a conversion
     start_distributed(device)
     t0 = time.perf_counter()
     folder = resolve(model, revision, dtype)
-    if not tensor_parallel:
-        engine = Engine.load(folder, dtype=dtype.value, device=device.value, tokenizer=tokenizer,
-                             chat_template=chat_template)
-        return engine, folder, time.perf_counter() - t0
-    from llamacli import parallel
-    from llamacli.chat_template import load_chat_template
-    from llamacli.config import load_config
-    from llamacli.tokenizer import load_tokenizer
-    from llamacli.weights import load_model
+    options = {"quantize": quant, "group_size": group_size}
+    if tensor_parallel:
+        from llamacli import parallel
+        from llamacli.config import load_config
 
-    config = load_config(folder)
-    plan = parallel.ShardPlan.for_config(config, parallel.rank(), parallel.world_size())
-    tok = load_tokenizer(tokenizer or folder, extra_eos_ids=config.eos_token_ids)
-    template = load_chat_template(folder, chat_template)
-    shard = load_model(folder, dtype=dtype.value, device=device.value, config=config, shard=plan)
-    return Engine(shard, tok, template), folder, time.perf_counter() - t0
+        options["shard"] = parallel.ShardPlan.for_config(load_config(folder), parallel.rank(), parallel.world_size())
+    engine = Engine.load(folder, dtype=dtype.value, device=device.value, tokenizer=tokenizer,
+                         chat_template=chat_template, **options)
+    return engine, folder, time.perf_counter() - t0
 
 
 class _ErrorLinesOnly:

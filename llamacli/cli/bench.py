@@ -7,8 +7,8 @@ from typing import Annotated, Optional
 
 import typer
 
-from llamacli.cli.app import (Device, DeviceOpt, Dtype, ModelOpt, RevisionOpt, TensorParallelOpt, app, errors, note,
-                              resolve, start_distributed)
+from llamacli.cli.app import (Device, DeviceOpt, Dtype, GroupSizeOpt, ModelOpt, RevisionOpt, TensorParallelOpt, app,
+                              errors, note, resolve, start_distributed)
 from llamacli.errors import UsageError
 
 
@@ -27,6 +27,9 @@ def bench(
                                              help="Timed runs per configuration, after one warm-up.")] = 5,
     threads: Annotated[Optional[int], typer.Option("--threads", "-t", min=1, show_default=False,
                                                    help="CPU threads (default: torch's choice).")] = None,
+    quantize: Annotated[str, typer.Option("--quantize", "-q", help="Weight quantizations, comma-separated: none, "
+                                                                   "int8, int4 (each is benched).")] = "none",
+    group_size: GroupSizeOpt = None,
     revision: RevisionOpt = None,
     as_json: Annotated[bool, typer.Option("--json", help="One JSON object on stdout, for scripts.")] = False,
     tensor_parallel: TensorParallelOpt = False,
@@ -38,6 +41,7 @@ def bench(
         prompts = parse_int_list(prompt_tokens, "--prompt-tokens")
         batches = parse_int_list(batch_size, "--batch-size")
         dtypes = parse_dtypes(dtype)
+        quants = parse_quantize(quantize, group_size)
         start_distributed(device)
         folder = resolve(model, revision, Dtype(dtypes[0]))
         shard = None
@@ -47,7 +51,8 @@ def bench(
 
             shard = parallel.ShardPlan.for_config(load_config(folder), parallel.rank(), parallel.world_size())
         report = run_bench(folder, prompts, gen_tokens, batches, dtypes, device=device.value,
-                           repetitions=repetitions, threads=threads, model_name=model, shard=shard)
+                           repetitions=repetitions, threads=threads, model_name=model,
+                           quantize=quants, group_size=group_size, shard=shard)
     if as_json:
         print(json.dumps(report.as_dict()), flush=True)
         return
@@ -64,6 +69,19 @@ def parse_dtypes(text: str) -> list[str]:
     if bad or not dtypes:
         raise UsageError(f"--dtype must be comma-separated values of {', '.join(allowed)}, got '{text}'")
     return dtypes
+
+
+def parse_quantize(text: str, group_size: int | None) -> list[str | None]:
+    """The --quantize list: none, int8, int4 (None for none); UsageError for another value or a stray group size."""
+    from llamacli.weights import check_quantize
+
+    items = [q.strip() for q in text.split(",") if q.strip()]
+    bad = [q for q in items if q not in ("none", "int8", "int4")]
+    if bad or not items:
+        raise UsageError(f"--quantize must be comma-separated values of none, int8, int4, got '{text}'")
+    if group_size is not None:
+        check_quantize("int4" if "int4" in items else None, group_size)
+    return [None if q == "none" else q for q in items]
 
 
 def print_report(report) -> None:

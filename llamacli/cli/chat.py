@@ -7,6 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
+from llamacli.cli.app import GroupSizeOpt, QuantizeOpt
 from llamacli.cli.app import (Device, DeviceOpt, Dtype, DtypeOpt, MaxNewOpt, MinPOpt, ModelOpt, RepPenaltyOpt,
                               RevisionOpt, SeedOpt, StatsOpt, StopOpt, SystemOpt, TemperatureOpt, TemplateOpt,
                               TensorParallelOpt, TokenizerOpt, TopKOpt, TopPOpt, app, check_sampling, errors,
@@ -30,6 +31,8 @@ def chat(
     stop: StopOpt = None,
     dtype: DtypeOpt = Dtype.auto,
     device: DeviceOpt = Device.auto,
+    quantize: QuantizeOpt = None,
+    group_size: GroupSizeOpt = None,
     revision: RevisionOpt = None,
     tokenizer: TokenizerOpt = None,
     chat_template: TemplateOpt = None,
@@ -57,7 +60,7 @@ def chat(
             raise UsageError(f"under torchrun ({parallel.world_size()} ranks) chat needs --tensor-parallel")
         seed = shared_seed(seed)
         engine, folder, load_s = load_engine(model, revision, dtype, device, tokenizer, chat_template,
-                                             tensor_parallel)
+                                             quantize, group_size, tensor_parallel)
         if engine.chat_template is None:
             raise TokenizerError(f"{folder}: this model has no chat template; chat needs one "
                                  "(pass --chat-template FILE, or use generate --raw)")

@@ -9,6 +9,7 @@ from typing import Annotated, Optional
 
 import typer
 
+from llamacli.cli.app import GroupSizeOpt, QuantizeOpt
 from llamacli.cli.app import (DeviceOpt, Device, Dtype, DtypeOpt, IgnoreEosOpt, MaxNewOpt, MinPOpt, ModelOpt,
                               RepPenaltyOpt, RevisionOpt, SeedOpt, StatsOpt, StopOpt, SystemOpt, TemperatureOpt,
                               TemplateOpt, TensorParallelOpt, TokenizerOpt, TopKOpt, TopPOpt, app, check_sampling,
@@ -42,6 +43,8 @@ def generate(
     ignore_eos: IgnoreEosOpt = False,
     dtype: DtypeOpt = Dtype.auto,
     device: DeviceOpt = Device.auto,
+    quantize: QuantizeOpt = None,
+    group_size: GroupSizeOpt = None,
     revision: RevisionOpt = None,
     tokenizer: TokenizerOpt = None,
     chat_template: TemplateOpt = None,
@@ -94,7 +97,8 @@ def generate(
             prepared = prepare_sharded_batch(prompts_file, output, resume, overwrite)
         else:
             prepared = prepare_batch(prompts_file, output, resume, overwrite) if prompts_file is not None else None
-        engine, _, load_s = load_engine(model, revision, dtype, device, tokenizer, chat_template, tensor_parallel)
+        engine, _, load_s = load_engine(model, revision, dtype, device, tokenizer, chat_template, quantize,
+                                        group_size, tensor_parallel)
         gen = engine.config.generation
         sampling = sampling_params(gen, temperature, top_k, top_p, min_p, repetition_penalty)
         request = Request(max_new_tokens=max_new_tokens or default_max_new_tokens(gen), sampling=sampling,

@@ -64,6 +64,9 @@ def print_inspect(info: dict) -> None:
         *[(f"  {kind}", format_count(n)) for kind, n in info["parameters_by_kind"].items()],
         ("on disk", f"{format_size(info['disk']['bytes'])} in {len(info['disk']['files'])} file(s); "
                     + ", ".join(f"{d}: {format_count(n)}" for d, n in info["disk"]["dtypes"].items())),
+        *([("quantization", f"{q['description']}: {q['bytes_per_weight']:.3f} bytes per weight "
+                            f"(matrices {q['matrix_bytes_per_weight']:.3f}), {format_size(info['weights_bytes'])} "
+                            f"of weights in memory")] if (q := info.get("quantization")) else []),
         ("layers", str(info["num_layers"])),
         ("hidden size", str(info["hidden_size"])),
         ("ffn dim", str(info["ffn_dim"])),

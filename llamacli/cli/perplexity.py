@@ -8,9 +8,9 @@ from typing import Annotated, Optional
 
 import typer
 
-from llamacli.cli.app import (Device, DeviceOpt, Dtype, DtypeOpt, ModelOpt, RevisionOpt, TensorParallelOpt,
-                              TokenizerOpt, app, errors, load_engine, note, progress_bar, read_text_arg,
-                              start_distributed)
+from llamacli.cli.app import (Device, DeviceOpt, Dtype, DtypeOpt, GroupSizeOpt, ModelOpt, QuantizeOpt, RevisionOpt,
+                              TensorParallelOpt, TokenizerOpt, app, errors, load_engine, note, progress_bar,
+                              read_text_arg, start_distributed)
 from llamacli.errors import UsageError
 from llamacli.prompts import encode_raw
 
@@ -30,6 +30,8 @@ def perplexity(
         show_default=False)] = None,
     dtype: DtypeOpt = Dtype.auto,
     device: DeviceOpt = Device.auto,
+    quantize: QuantizeOpt = None,
+    group_size: GroupSizeOpt = None,
     revision: RevisionOpt = None,
     tokenizer: TokenizerOpt = None,
     as_json: Annotated[bool, typer.Option(
@@ -45,7 +47,8 @@ def perplexity(
         body = read_text_arg(text, text_file, "--text", "--text-file")
         if context is not None and stride is not None:
             check_window(context, stride, context)  # the model's context is checked once it is loaded
-        engine, _, _ = load_engine(model, revision, dtype, device, tokenizer, tensor_parallel=tensor_parallel)
+        engine, _, _ = load_engine(model, revision, dtype, device, tokenizer, quantize=quantize,
+                                   group_size=group_size, tensor_parallel=tensor_parallel)
         ctx = context or min(engine.config.context_length, 1024)
         step = stride or max(1, ctx // 2)
         ids = encode_raw(engine.tokenizer, body)

@@ -35,8 +35,10 @@ class Engine:
 
     @classmethod
     def load(cls, folder: str | Path, dtype: str = "auto", device: str = "auto",
-             tokenizer: str | Path | None = None, chat_template: str | Path | None = None) -> "Engine":
-        """Load model, tokenizer and chat template from a local checkpoint folder."""
+             tokenizer: str | Path | None = None, chat_template: str | Path | None = None,
+             **model_options) -> "Engine":
+        """Load model, tokenizer and chat template from a local checkpoint folder; `model_options` go to
+        `weights.load_model` (quantize, group_size, shard)."""
         from llamacli.chat_template import load_chat_template
         from llamacli.config import load_config
         from llamacli.tokenizer import load_tokenizer
@@ -46,7 +48,7 @@ class Engine:
         config = load_config(folder)
         tok = load_tokenizer(tokenizer or folder, extra_eos_ids=config.eos_token_ids)
         template = load_chat_template(folder, chat_template)
-        model = load_model(folder, dtype=dtype, device=device, config=config)
+        model = load_model(folder, dtype=dtype, device=device, config=config, **model_options)
         return cls(model, tok, template)
 
     # -- prompts ---------------------------------------------------------------------------------------

@@ -13,6 +13,8 @@ it, and it has no `to()`: load the checkpoint again for another dtype or device.
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -55,15 +57,17 @@ def _release(linear: nn.Linear) -> None:
 class Runtime:
     """The fast forward of a Llama: same call surface (`config`, `device`, `dtype`, `__call__`, `forward_last`)."""
 
-    def __init__(self, config: LlamaConfig, layers: list[RuntimeLayer], norm: torch.Tensor, embed: torch.Tensor,
-                 lm_head: LinearFormat):
+    def __init__(self, config: LlamaConfig, layers: list[RuntimeLayer], norm: torch.Tensor, embed: torch.Tensor | None,
+                 lm_head: LinearFormat, lookup: Callable[[torch.Tensor, torch.dtype], torch.Tensor] | None = None):
         self.config = config
         self.layers = layers
         self.norm = norm  # (dim,)
-        self.embed = embed  # (vocab, dim)
-        self.lookup = self._lookup  # tokens (N,) -> (N, dim); a tensor-parallel rank looks up its vocabulary share
+        self.embed = embed  # (vocab, dim); None when `lookup` reads a quantized table
         self.lm_head = lm_head  # dim -> vocab
-        self._dtype, self._device = embed.dtype, embed.device
+        # ids (N,), dtype -> rows (N, dim): a plain table lookup, a quantized table's dequantized rows, or a
+        # tensor-parallel rank's lookup of its vocabulary share (summed over the ranks)
+        self.lookup = lookup or (lambda ids, dtype: F.embedding(ids, embed))
+        self._dtype, self._device = norm.dtype, norm.device
         self._rope = RopeCache(config)
 
     @classmethod
@@ -184,7 +188,7 @@ class Runtime:
             offset += B * T
 
         tokens = parts[0][0].reshape(N) if len(parts) == 1 else torch.cat([t.reshape(-1) for t, _, _, _ in parts])
-        x = self.lookup(tokens).to(compute)  # (N, dim)
+        x = self.lookup(tokens, dtype).to(compute)  # (N, dim)
         for i, L in enumerate(self.layers):
             # With last_only, the last layer needs only each row's last position past its cache writes: that
             # query alone attends, and the output projection and MLP run on those rows (2.8% of a prefill).
@@ -240,9 +244,6 @@ class Runtime:
             raise ValueError("several parts give last-position logits only (last_only=True)")
         B, T = views[0][1], views[0][2]
         return self._head(x).view(B, T, -1)
-
-    def _lookup(self, tokens: torch.Tensor) -> torch.Tensor:
-        return F.embedding(tokens, self.embed)
 
     def _head(self, x: torch.Tensor) -> torch.Tensor:
         """Final norm and lm_head for rows x (n, dim), in the compute dtype of n rows (a prefill's last
