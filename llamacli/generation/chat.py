@@ -16,8 +16,9 @@ from llamacli.request import Event, Finished, Request
 class ChatSession:
     """A conversation on an engine, with one KV cache of `max_context` positions (the model's by default)."""
 
-    def __init__(self, engine, system: str | None = None, max_context: int | None = None):
+    def __init__(self, engine, system: str | None = None, max_context: int | None = None, stream=None):
         self.engine = engine
+        self.stream = stream or engine.stream  # how a turn decodes: `Engine.stream`'s signature (a Speculator's)
         self.conversation = prompts.Conversation(system=system)
         self.n_positions = min(max_context or engine.config.context_length, engine.config.context_length)
         self.cache: KVCache | None = None
@@ -65,7 +66,7 @@ class ChatSession:
         # Until this turn completes, only the shared prefix is known to be in the cache (an interrupted turn
         # may have overwritten what followed it).
         self.cached_ids = ids[:common]
-        for event in self.engine.stream(ids, request, cache=self.cache, start_pos=common):
+        for event in self.stream(ids, request, cache=self.cache, start_pos=common):
             if isinstance(event, Finished):
                 # Recorded before Finished is handed out, so a caller that stops reading there loses nothing.
                 self.conversation.record(user_text, event.text)
