@@ -11,6 +11,9 @@ from llamacli.errors import UsageError
 # Why a generation ended: an eos id or a stop string, the max_new_tokens budget, or the caller cancelled it.
 STOP, LENGTH, CANCELLED = "stop", "length", "cancelled"
 
+# Most tokens speculative decoding drafts per round unless told: chosen by benchmarks/bench_speculative.py.
+DEFAULT_DRAFT_TOKENS = 4
+
 
 @dataclass(frozen=True)
 class SamplingParams:
@@ -121,10 +124,15 @@ class Stats:
             "decode_s": round(self.decode_s, 6),
             "prefill_tokens_per_s": round(self.prefill_tps, 3),
             "decode_tokens_per_s": round(self.decode_tps, 3),
-            **({"draft": self.draft, "drafted_tokens": self.drafted_tokens, "accepted_tokens": self.accepted_tokens,
-                "acceptance_rate": round(self.acceptance_rate, 4), "verify_forwards": self.verify_forwards}
-               if self.draft else {}),
+            **self.draft_dict(),
         }
+
+    def draft_dict(self) -> dict:
+        """The speculative-decoding counts as plain numbers ({} for plain decoding)."""
+        if not self.draft:
+            return {}
+        return {"draft": self.draft, "drafted_tokens": self.drafted_tokens, "accepted_tokens": self.accepted_tokens,
+                "acceptance_rate": round(self.acceptance_rate, 4), "verify_forwards": self.verify_forwards}
 
 
 @dataclass

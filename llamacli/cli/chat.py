@@ -7,9 +7,11 @@ from typing import Annotated, Optional
 
 import typer
 
-from llamacli.cli.app import (Device, DeviceOpt, Dtype, DtypeOpt, MaxNewOpt, MinPOpt, ModelOpt, RepPenaltyOpt,
+from llamacli.cli.app import (Device, DeviceOpt, DraftModelOpt, DraftTokensOpt, Dtype, DtypeOpt, MaxNewOpt, MinPOpt, ModelOpt, PromptLookupOpt,
+                              RepPenaltyOpt,
                               RevisionOpt, SeedOpt, StatsOpt, StopOpt, SystemOpt, TemperatureOpt, TemplateOpt,
-                              TokenizerOpt, TopKOpt, TopPOpt, app, check_sampling, errors, load_engine, note)
+                              TokenizerOpt, TopKOpt, TopPOpt, app, check_sampling, check_speculative, errors,
+                              load_engine, note, speculative_stream)
 from llamacli.cli.repl import ChatLoop
 from llamacli.errors import TokenizerError
 from llamacli.prompts import sampling_params
@@ -35,6 +37,9 @@ def chat(
     max_context: Annotated[Optional[int], typer.Option(
         "--max-context", min=2, help="Positions kept for the conversation (default: the model's context).",
         show_default=False)] = None,
+    draft_model: DraftModelOpt = None,
+    prompt_lookup: PromptLookupOpt = None,
+    draft_tokens: DraftTokensOpt = None,
     stats: StatsOpt = False,
     as_json: Annotated[bool, typer.Option(
         "--json", help='One JSON object per turn: {"role", "content", "token_ids", "prompt_token_ids", '
@@ -46,6 +51,7 @@ def chat(
     """
     with errors():
         check_sampling(temperature, top_k, top_p, min_p, repetition_penalty)
+        check_speculative(draft_model, prompt_lookup, draft_tokens)
         from llamacli.generation import ChatSession
 
         engine, folder, load_s = load_engine(model, revision, dtype, device, tokenizer, chat_template)
@@ -53,7 +59,8 @@ def chat(
             raise TokenizerError(f"{folder}: this model has no chat template; chat needs one "
                                  "(pass --chat-template FILE, or use generate --raw)")
         sampling = sampling_params(engine.config.generation, temperature, top_k, top_p, min_p, repetition_penalty)
-        session = ChatSession(engine, system=system, max_context=max_context)
+        stream = speculative_stream(engine, draft_model, prompt_lookup, draft_tokens, revision, dtype, device)
+        session = ChatSession(engine, system=system, max_context=max_context, stream=stream)
         loop = ChatLoop(engine, session, sampling, seed, max_new_tokens, tuple(stop or ()), as_json, stats)
         interactive = sys.stdin.isatty()
         if interactive:

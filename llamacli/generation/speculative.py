@@ -24,10 +24,8 @@ import torch
 
 from llamacli.errors import UsageError
 from llamacli.kv_cache import KVCache
-from llamacli.request import Event, Request, SamplingParams
+from llamacli.request import DEFAULT_DRAFT_TOKENS, Event, Request, SamplingParams
 from llamacli.sampling import filter_logits, make_generator
-
-DEFAULT_DRAFT_TOKENS = 4  # chosen by benchmarks/bench_speculative.py on SmolLM2-135M (see its note)
 
 
 class Draft(Protocol):
@@ -69,18 +67,22 @@ class DraftModel:
     """A draft that is a model (any `Engine`): its own KV cache, advanced by its proposals and rolled back to the
     prefix it shares with the context of the next round (an earlier start_pos; nothing is undone)."""
 
-    def __init__(self, engine, n_positions: int, seed: int | None = None, name: str = "draft-model"):
+    def __init__(self, engine, name: str = "draft-model"):
         self.engine = engine
         self.name = name
-        self.n_positions = min(n_positions, engine.config.context_length)
+        self.n_positions = 0
         self.cache: KVCache | None = None
         self.cached: list[int] = []  # ids whose keys/values are in the draft's cache, in order
+        self.generator = make_generator(None)
+
+    def reset(self, seed: int | None, n_positions: int) -> None:
+        """A new request on a model cache of n_positions: reseed, and grow the draft's cache if it is smaller
+        (its contents are kept: the prefix shared with each round's context is found then)."""
         # The draft samples with its own generator: the model's stays the one plain sampling would use.
         self.generator = make_generator(None if seed is None else (seed + 0x5DEECE66D) % 2**63)
-
-    def reset(self, seed: int | None) -> None:
-        """Start a new request: reseed (the cache contents are kept; the shared prefix is found per round)."""
-        self.generator = make_generator(None if seed is None else (seed + 0x5DEECE66D) % 2**63)
+        self.n_positions = min(n_positions, self.engine.config.context_length)
+        if self.cache is not None and self.cache.max_seq_len < self.n_positions:
+            self.cache, self.cached = None, []
 
     def _choose(self, logits: torch.Tensor, params: SamplingParams) -> tuple[int, torch.Tensor | None]:
         """The draft's token from its logits (V,), and the distribution it was drawn from (None if greedy)."""
@@ -208,7 +210,7 @@ class Speculator:
         seq, cache, logits = engine.start(prompt_ids, request, cache, start_pos)
         seq.stats.draft = draft.name
         if hasattr(draft, "reset"):
-            draft.reset(request.seed)
+            draft.reset(request.seed, cache.max_seq_len)
         length = DraftLength(self.draft_tokens, self.adaptive)
         model, device = engine.model, engine.device
         step = torch.empty((1, 1), dtype=torch.long, device=device)
