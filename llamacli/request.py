@@ -11,7 +11,8 @@ from llamacli.errors import UsageError
 # Why a generation ended: an eos id or a stop string, the max_new_tokens budget, or the caller cancelled it.
 STOP, LENGTH, CANCELLED = "stop", "length", "cancelled"
 
-# Most tokens speculative decoding drafts per round unless told: chosen by benchmarks/bench_speculative.py.
+# Most tokens speculative decoding drafts per round unless told. Provisional: the first run of
+# benchmarks/bench_speculative.py (its K column is the measurement to set it by) ran on a heavily shared CPU.
 DEFAULT_DRAFT_TOKENS = 4
 
 
