@@ -13,6 +13,10 @@ from llamacli.text import check_text
 STOP, LENGTH, CANCELLED = "stop", "length", "cancelled"
 MAX_TOP_LOGPROBS = 20  # OpenAI's limit on top_logprobs
 
+# Most tokens speculative decoding drafts per round unless told. Provisional: the first run of
+# benchmarks/bench_speculative.py (its K column is the measurement to set it by) ran on a heavily shared CPU.
+DEFAULT_DRAFT_TOKENS = 4
+
 
 @dataclass(frozen=True)
 class SamplingParams:
@@ -107,6 +111,16 @@ class Stats:
     prefill_s: float = 0.0
     ttft_s: float = 0.0
     decode_s: float = 0.0
+    # Speculative decoding only (`draft` names the draft kind; empty: plain decoding, and as_dict leaves them out).
+    draft: str = ""
+    drafted_tokens: int = 0  # tokens proposed by the draft and verified by the model
+    accepted_tokens: int = 0  # of those, the ones the model kept
+    verify_forwards: int = 0  # model forwards over several positions (each also yields one token of its own)
+
+    @property
+    def acceptance_rate(self) -> float:
+        """Accepted over drafted tokens (0 when nothing was drafted)."""
+        return self.accepted_tokens / self.drafted_tokens if self.drafted_tokens else 0.0
 
     @property
     def prefill_tps(self) -> float:
@@ -130,7 +144,15 @@ class Stats:
             "decode_s": round(self.decode_s, 6),
             "prefill_tokens_per_s": round(self.prefill_tps, 3),
             "decode_tokens_per_s": round(self.decode_tps, 3),
+            **self.draft_dict(),
         }
+
+    def draft_dict(self) -> dict:
+        """The speculative-decoding counts as plain numbers ({} for plain decoding)."""
+        if not self.draft:
+            return {}
+        return {"draft": self.draft, "drafted_tokens": self.drafted_tokens, "accepted_tokens": self.accepted_tokens,
+                "acceptance_rate": round(self.acceptance_rate, 4), "verify_forwards": self.verify_forwards}
 
 
 @dataclass

@@ -57,17 +57,28 @@ def filter_logits(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:
     return logits
 
 
-def sample(logits: torch.Tensor, p: SamplingParams, generator: torch.Generator | None = None,
-           seen: torch.Tensor | None = None, counts: torch.Tensor | None = None) -> int:
-    """Pick the next token id from one row of logits (V,); `seen` (bool) and `counts` feed the penalties."""
+def penalized(logits: torch.Tensor, p: SamplingParams, seen: torch.Tensor | None = None,
+              counts: torch.Tensor | None = None) -> torch.Tensor:
+    """logits (V,) after the repetition penalty (`seen`, bool) and the presence/frequency penalties (`counts`)."""
     if seen is not None:
         logits = apply_repetition_penalty(logits, seen, p.repetition_penalty)
     if counts is not None:
         logits = apply_count_penalties(logits, counts, p.presence_penalty, p.frequency_penalty)
+    return logits
+
+
+def distribution(logits: torch.Tensor, p: SamplingParams, seen: torch.Tensor | None = None,
+                 counts: torch.Tensor | None = None) -> torch.Tensor:
+    """The probabilities (V,) that sampling draws from: penalties, temperature, then the filters."""
+    return torch.softmax(filter_logits(penalized(logits, p, seen, counts), p), dim=-1)
+
+
+def sample(logits: torch.Tensor, p: SamplingParams, generator: torch.Generator | None = None,
+           seen: torch.Tensor | None = None, counts: torch.Tensor | None = None) -> int:
+    """Pick the next token id from one row of logits (V,); `seen` (bool) and `counts` feed the penalties."""
     if p.greedy:
-        return int(torch.argmax(logits))
-    probs = torch.softmax(filter_logits(logits, p), dim=-1)
-    return int(torch.multinomial(probs, 1, generator=generator))
+        return int(torch.argmax(penalized(logits, p, seen, counts)))
+    return int(torch.multinomial(distribution(logits, p, seen, counts), 1, generator=generator))
 
 
 def make_generator(seed: int | None, device: torch.device | str = "cpu") -> torch.Generator:

@@ -7,11 +7,11 @@ from typing import Annotated, Optional
 
 import typer
 
-from llamacli.cli.app import GroupSizeOpt, QuantizeOpt
-from llamacli.cli.app import (Device, DeviceOpt, Dtype, DtypeOpt, MaxNewOpt, MinPOpt, ModelOpt, RepPenaltyOpt,
-                              RevisionOpt, SeedOpt, StatsOpt, StopOpt, SystemOpt, TemperatureOpt, TemplateOpt,
-                              TensorParallelOpt, TokenizerOpt, TopKOpt, TopPOpt, app, check_sampling, errors,
-                              load_engine, note, shared_seed, start_distributed)
+from llamacli.cli.app import (Device, DeviceOpt, DraftModelOpt, DraftTokensOpt, Dtype, DtypeOpt, GroupSizeOpt,
+                              MaxNewOpt, MinPOpt, ModelOpt, PromptLookupOpt, QuantizeOpt, RepPenaltyOpt, RevisionOpt,
+                              SeedOpt, StatsOpt, StopOpt, SystemOpt, TemperatureOpt, TemplateOpt, TensorParallelOpt,
+                              TokenizerOpt, TopKOpt, TopPOpt, app, check_sampling, check_speculative, errors,
+                              load_engine, note, shared_seed, speculative_stream, start_distributed)
 from llamacli.cli.repl import ChatLoop
 from llamacli.errors import TokenizerError, UsageError
 from llamacli.prompts import sampling_params
@@ -39,6 +39,9 @@ def chat(
     max_context: Annotated[Optional[int], typer.Option(
         "--max-context", min=2, help="Positions kept for the conversation (default: the model's context).",
         show_default=False)] = None,
+    draft_model: DraftModelOpt = None,
+    prompt_lookup: PromptLookupOpt = None,
+    draft_tokens: DraftTokensOpt = None,
     stats: StatsOpt = False,
     as_json: Annotated[bool, typer.Option(
         "--json", help='One JSON object per turn: {"role", "content", "token_ids", "prompt_token_ids", '
@@ -51,6 +54,7 @@ def chat(
     """
     with errors():
         check_sampling(temperature, top_k, top_p, min_p, repetition_penalty, seed=seed, system=system, stop=stop)
+        check_speculative(draft_model, prompt_lookup, draft_tokens)
         from llamacli.generation import ChatSession
 
         start_distributed(device)
@@ -65,7 +69,8 @@ def chat(
             raise TokenizerError(f"{folder}: this model has no chat template; chat needs one "
                                  "(pass --chat-template FILE, or use generate --raw)")
         sampling = sampling_params(engine.config.generation, temperature, top_k, top_p, min_p, repetition_penalty)
-        session = ChatSession(engine, system=system, max_context=max_context)
+        stream = speculative_stream(engine, draft_model, prompt_lookup, draft_tokens, revision, dtype, device)
+        session = ChatSession(engine, system=system, max_context=max_context, stream=stream)
         loop = ChatLoop(engine, session, sampling, seed, max_new_tokens, tuple(stop or ()), as_json, stats)
         interactive = parallel.broadcast_object(sys.stdin.isatty())  # rank 0's terminal
         if parallel.world_size() > 1:

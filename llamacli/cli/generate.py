@@ -9,12 +9,12 @@ from typing import Annotated, Optional
 
 import typer
 
-from llamacli.cli.app import GroupSizeOpt, QuantizeOpt
-from llamacli.cli.app import (DeviceOpt, Device, Dtype, DtypeOpt, IgnoreEosOpt, MaxNewOpt, MinPOpt, ModelOpt,
-                              RepPenaltyOpt, RevisionOpt, SeedOpt, StatsOpt, StopOpt, SystemOpt, TemperatureOpt,
-                              TemplateOpt, TensorParallelOpt, TokenizerOpt, TopKOpt, TopPOpt, app, check_sampling,
-                              errors, load_engine, note, read_text_arg, shared_seed, start_distributed, stats_line,
-                              stderr, stop_on_interrupt, write)
+from llamacli.cli.app import (DeviceOpt, Device, DraftModelOpt, DraftTokensOpt, Dtype, DtypeOpt, GroupSizeOpt,
+                              IgnoreEosOpt, MaxNewOpt, MinPOpt, ModelOpt, PromptLookupOpt, QuantizeOpt, RepPenaltyOpt,
+                              RevisionOpt, SeedOpt, StatsOpt, StopOpt, SystemOpt, TemperatureOpt, TemplateOpt,
+                              TensorParallelOpt, TokenizerOpt, TopKOpt, TopPOpt, app, check_sampling, check_speculative,
+                              errors, load_engine, note, read_text_arg, shared_seed, speculative_stream,
+                              start_distributed, stats_line, stderr, stop_on_interrupt, write)
 from llamacli.errors import TokenizerError, UsageError
 from llamacli.prompts import default_max_new_tokens, encode_prompt, sampling_params
 from llamacli.request import Finished, Request, TokenEvent
@@ -48,6 +48,9 @@ def generate(
     revision: RevisionOpt = None,
     tokenizer: TokenizerOpt = None,
     chat_template: TemplateOpt = None,
+    draft_model: DraftModelOpt = None,
+    prompt_lookup: PromptLookupOpt = None,
+    draft_tokens: DraftTokensOpt = None,
     stats: StatsOpt = False,
     as_json: Annotated[bool, typer.Option(
         "--json", help='Print one JSON object {"text", "token_ids", "prompt_token_ids", "finish_reason", '
@@ -83,6 +86,10 @@ def generate(
             raise UsageError("--system needs the chat template; it cannot be used with --raw")
         if logprobs and not as_json and prompts_file is None:
             raise UsageError("--logprobs needs --json (log-probabilities are part of the JSON output)")
+        check_speculative(draft_model, prompt_lookup, draft_tokens)
+        if prompts_file is not None and (draft_model is not None or prompt_lookup is not None):
+            raise UsageError("batch mode (--prompts-file) decodes its batches normally; --draft-model and "
+                             "--prompt-lookup apply to a single prompt")
         if prompts_file is None:
             if output is not None or resume or overwrite:
                 raise UsageError("--output, --resume and --overwrite belong to batch mode: pass --prompts-file")
@@ -117,18 +124,20 @@ def generate(
         if max_new_tokens is None:  # the default is capped to what the context has left after this prompt
             room = engine.config.context_length - len(ids)
             request = replace(request, max_new_tokens=default_max_new_tokens(gen, room))
-        stream_generation(engine, ids, request, as_json, stats, load_s)
+        stream = speculative_stream(engine, draft_model, prompt_lookup, draft_tokens, revision, dtype, device)
+        stream_generation(engine, ids, request, as_json, stats, load_s, stream)
 
 
 def stream_generation(engine, ids: list[int], request: Request, as_json: bool, show_stats: bool,
-                      load_s: float) -> None:
-    """Generate after ids: stream the text to stdout (or print one JSON object); Ctrl-C exits 130."""
+                      load_s: float, stream=None) -> None:
+    """Generate after ids (with `stream`, `engine.stream` by default): stream the text to stdout (or print one
+    JSON object); Ctrl-C exits 130."""
     finished = None
     pieces: list[str] = []
     tokens: list[int] = []
     token_logprobs: list[float] = []
     try:
-        for event in engine.stream(ids, request):
+        for event in (stream or engine.stream)(ids, request):
             if isinstance(event, Finished):
                 finished = event
                 continue

@@ -143,7 +143,8 @@ class ChatLoop:
         if self.as_json:
             print(json.dumps({"role": "assistant", "content": finished.text, "token_ids": finished.token_ids,
                               "prompt_token_ids": ids, "prefill_tokens": finished.stats.prefill_tokens,
-                              "finish_reason": finished.reason}, ensure_ascii=False), flush=True)
+                              "finish_reason": finished.reason, **finished.stats.draft_dict()},
+                             ensure_ascii=False), flush=True)
         else:
             write("\n")
         if self.show_stats:

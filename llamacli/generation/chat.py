@@ -20,8 +20,9 @@ class ChatSession:
     """A conversation on an engine, with one KV cache of at most `max_context` positions (the model's context by
     default), allocated as the conversation grows."""
 
-    def __init__(self, engine, system: str | None = None, max_context: int | None = None):
+    def __init__(self, engine, system: str | None = None, max_context: int | None = None, stream=None):
         self.engine = engine
+        self.stream = stream or engine.stream  # how a turn decodes: `Engine.stream`'s signature (a Speculator's)
         self.conversation = prompts.Conversation(system=system)
         self.n_positions = min(max_context or engine.config.context_length, engine.config.context_length)
         self.cache: KVCache | None = None
@@ -81,7 +82,7 @@ class ChatSession:
         # Until this turn completes, only the shared prefix is known to be in the cache (an interrupted turn
         # may have overwritten what followed it).
         self.cached_ids = ids[:common]
-        for event in self.engine.stream(ids, request, cache=self.cache, start_pos=common):
+        for event in self.stream(ids, request, cache=self.cache, start_pos=common):
             if isinstance(event, Finished):
                 # Recorded before Finished is handed out, so a caller that stops reading there loses nothing.
                 self.conversation.record(user_text, event.text)

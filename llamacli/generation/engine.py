@@ -87,6 +87,19 @@ class Engine:
         With a cache, positions [0, start_pos) must already hold prompt_ids[:start_pos]; only the rest is
         prefilled (chat turns reuse the cache this way).
         """
+        seq, cache, logits = self.start(prompt_ids, request, cache, start_pos)
+        step = torch.empty((1, 1), dtype=torch.long, device=self.device)
+        while True:
+            yield from seq.step(logits.float().cpu())
+            if seq.done:
+                return
+            step.fill_(seq.last_token)
+            logits = self.model(step, seq.pos, cache)[0, -1]
+            seq.advance()
+
+    def start(self, prompt_ids: list[int], request: Request, cache: KVCache | None = None,
+              start_pos: int = 0) -> tuple[Sequence, KVCache, torch.Tensor]:
+        """Check the context, prefill prompt_ids[start_pos:]: (the sequence, the cache, the last logits (V,))."""
         n_prompt = len(prompt_ids)
         if cache is None:
             self.check_fits(n_prompt, request.max_new_tokens)
@@ -97,15 +110,7 @@ class Engine:
             raise ValueError(f"start_pos {start_pos} must be inside the prompt (0..{n_prompt - 1})")
         seq = self.sequence(prompt_ids, request, prefill_tokens=n_prompt - start_pos)
         tokens = torch.tensor([prompt_ids[start_pos:]], device=self.device)
-        logits = self.model(tokens, start_pos, cache, last_only=True)[0, -1]
-        step = torch.empty((1, 1), dtype=torch.long, device=self.device)
-        while True:
-            yield from seq.step(logits.float().cpu())
-            if seq.done:
-                return
-            step.fill_(seq.last_token)
-            logits = self.model(step, seq.pos, cache)[0, -1]
-            seq.advance()
+        return seq, cache, self.model(tokens, start_pos, cache, last_only=True)[0, -1]
 
     def generate(self, prompt_ids: list[int], request: Request = Request()) -> Finished:
         """Run `stream` to the end and return its Finished event."""

@@ -4,7 +4,8 @@ A `Sequence` owns everything per request that is not the model or the cache: the
 repetition-penalty mask), the eos ids, the stop strings, the incremental detokenizer, log-probabilities, stats
 and the finish reason. Every way of decoding drives it the same way: a single stream (`Engine.stream`), the
 batch scheduler (one `Sequence` per slot) and, later, speculative decoding (which accepts several tokens per
-forward). The driver runs the model; the sequence picks and accepts tokens and says when it is done.
+forward, `decide` + `take`). The driver runs the model; the sequence picks and accepts tokens and says when it is
+done.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import time
 import torch
 
 from llamacli.request import CANCELLED, LENGTH, STOP, Event, Finished, Request, Stats, TextEvent, TokenEvent
-from llamacli.sampling import make_generator, sample
+from llamacli.sampling import distribution, make_generator, sample
 
 
 class StopMatcher:
@@ -111,15 +112,43 @@ class Sequence:
     def step(self, logits: torch.Tensor, greedy_token: int | None = None,
              logprobs: torch.Tensor | None = None) -> list[Event]:
         """Pick the next token from `logits` (V,) and accept it; `logprobs` is its log-softmax if already taken."""
-        token = self.pick(logits, greedy_token)
+        return self.take(logits, self.pick(logits, greedy_token), logprobs)
+
+    def take(self, logits: torch.Tensor, token: int, logprobs: torch.Tensor | None = None) -> list[Event]:
+        """Accept `token`, chosen for the position whose logits (V,) are given (its logprob is taken from them)."""
         lp = top = None
         if self.logprobs is not None:
-            row = logprobs if logprobs is not None else torch.log_softmax(logits, dim=-1)
+            row = logprobs if logprobs is not None else torch.log_softmax(logits.float(), dim=-1)
             lp = float(row[token])
             if self.top_logprobs is not None:
                 values, ids = torch.topk(row, min(self.request.top_logprobs, row.shape[-1]))
                 top = list(zip(ids.tolist(), values.tolist()))
         return self.accept(token, lp, top)
+
+    def distribution(self, logits: torch.Tensor) -> torch.Tensor:
+        """The probabilities (V,) that sampling draws the next token from (penalty, temperature, filters)."""
+        return distribution(logits, self.params, self.seen, self.counts)
+
+    def decide(self, logits: torch.Tensor, draft_token: int, draft_probs: torch.Tensor | None = None) -> int:
+        """The token this sequence takes at a position where a draft proposed `draft_token`.
+
+        Greedy: the argmax (the draft is kept when it equals it). Sampling with the draft's distribution
+        `draft_probs` (V,): the draft is kept with probability min(1, p/q), else a token is drawn from
+        max(0, p - q) renormalised (speculative sampling; the result is distributed as p). Without it (a draft
+        that is a guess, not a sample): a token drawn from p as plain decoding would, so the draft is kept
+        exactly when the draws agree.
+        """
+        if self.params.greedy or draft_probs is None:
+            return self.pick(logits)
+        p = self.distribution(logits)
+        q = draft_probs.to(p.dtype)
+        u = float(torch.rand((), generator=self.generator))
+        if float(q[draft_token]) > 0 and u * float(q[draft_token]) < float(p[draft_token]):
+            return draft_token
+        residual = (p - q).clamp_min(0)
+        if float(residual.sum()) <= 0:  # p <= q everywhere means p == q: any draw from p will do
+            residual = p
+        return int(torch.multinomial(residual, 1, generator=self.generator))
 
     def accept(self, token: int, logprob: float | None = None,
                top_logprobs: list[tuple[int, float]] | None = None) -> list[Event]:

@@ -1,0 +1,380 @@
+"""Speculative decoding: greedy output equals plain decoding token for token (every draft kind, stops, eos,
+max_new_tokens mid-draft, the context limit, long runs of rejections); sampling keeps plain sampling's
+distribution (chi-square over seeded runs, stub drafts that always / never get accepted); the adaptive length;
+the vocabulary check; the CLI flags."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from llamacli.errors import UsageError
+from llamacli.generation import ChatSession, DraftModel, Engine, Finished, PromptLookup, Request, Speculator, TokenEvent
+from llamacli.generation.speculative import DraftLength, check_same_vocabulary
+from llamacli.sampling import SamplingParams
+from llamacli.weights import load_model
+
+PROMPT = [1, 17, 43, 99, 5, 64, 23, 77, 12, 8, 17, 43, 99, 5]
+
+
+def load(folder) -> Engine:
+    return Engine(load_model(folder, dtype="float32", device="cpu"))
+
+
+@pytest.fixture(scope="module")
+def target(tmp_path_factory):
+    from tests.conftest import write_tiny_checkpoint
+
+    return load(write_tiny_checkpoint(tmp_path_factory.mktemp("target") / "ckpt", seed=0))
+
+
+@pytest.fixture(scope="module")
+def other(tmp_path_factory):
+    """Same shapes and vocabulary, other random weights: a draft that is nearly always wrong."""
+    from tests.conftest import write_tiny_checkpoint
+
+    return load(write_tiny_checkpoint(tmp_path_factory.mktemp("draft") / "ckpt", seed=1))
+
+
+def drafts(target, other):
+    return {"lookup": PromptLookup(3), "other": DraftModel(other), "self": DraftModel(target)}
+
+
+def events_of(stream):
+    events = list(stream)
+    assert isinstance(events[-1], Finished)
+    return [(e.token_id, e.text, e.logprob) for e in events if isinstance(e, TokenEvent)], events[-1]
+
+
+@pytest.mark.parametrize("kind", ["lookup", "other", "self"])
+@pytest.mark.parametrize("k", [1, 3, 6])
+def test_greedy_equals_plain(target, other, kind, k):
+    req = Request(max_new_tokens=40, ignore_eos=True, logprobs=True)
+    plain, pf = events_of(target.stream(PROMPT, req))
+    spec, sf = events_of(Speculator(target, drafts(target, other)[kind], k, adaptive=False).stream(PROMPT, req))
+    assert [t for t, _, _ in spec] == [t for t, _, _ in plain]
+    # Logprobs are the model's, from a (k+1)-position forward: equal up to float32 summation order.
+    assert [lp for _, _, lp in spec] == pytest.approx([lp for _, _, lp in plain], abs=1e-4)
+    assert sf.reason == pf.reason == "length" and sf.token_ids == pf.token_ids
+    assert sf.stats.draft == drafts(target, other)[kind].name and sf.stats.verify_forwards > 0
+    if kind == "self":
+        assert sf.stats.accepted_tokens == sf.stats.drafted_tokens > 0
+        assert sf.stats.verify_forwards < 40 // (k + 1) + 2  # one forward per k + 1 tokens
+
+
+def test_eos_inside_a_draft_ends_there(target):
+    free = target.generate(PROMPT, Request(max_new_tokens=20, ignore_eos=True)).token_ids
+    eos_engine = Engine(target.model)
+    eos_engine.eos_ids = frozenset({free[6]})  # the perfect draft proposes it mid-round
+    expected = eos_engine.generate(PROMPT, Request(max_new_tokens=20))
+    for k in (3, 5):
+        result = Speculator(eos_engine, DraftModel(eos_engine), k, adaptive=False).stream(PROMPT, Request(max_new_tokens=20))
+        _, fin = events_of(result)
+        assert fin.token_ids == expected.token_ids == free[:free.index(free[6]) + 1]
+        assert fin.reason == "stop"
+
+
+@pytest.mark.parametrize("n_new", [1, 2, 3, 7, 11])
+def test_max_new_tokens_reached_mid_draft(target, n_new):
+    req = Request(max_new_tokens=n_new, ignore_eos=True)
+    expected = target.generate(PROMPT, req).token_ids
+    for k in (4, 6):
+        _, fin = events_of(Speculator(target, DraftModel(target), k, adaptive=False).stream(PROMPT, req))
+        assert fin.token_ids == expected and len(expected) == n_new and fin.reason == "length"
+
+
+def test_context_limit(target, other):
+    ctx = target.config.context_length
+    req = Request(max_new_tokens=ctx - len(PROMPT), ignore_eos=True)  # fills every position of the context
+    expected = target.generate(PROMPT, req).token_ids
+    for draft in drafts(target, other).values():
+        _, fin = events_of(Speculator(target, draft, 6, adaptive=False).stream(PROMPT, req))
+        assert fin.token_ids == expected
+
+
+def test_long_run_of_rejections_equals_plain(tiny_chat_dir, tmp_path):
+    from tests.conftest import write_tiny_chat_checkpoint
+
+    target = Engine.load(tiny_chat_dir, dtype="float32", device="cpu")
+    draft = load(write_tiny_chat_checkpoint(tmp_path / "draft", seed=7))
+    prompt = target.raw_ids("the cat sat on the mat and the cat sat on the")
+    req = Request(max_new_tokens=200, ignore_eos=True)
+    expected = target.generate(prompt, req).token_ids
+    _, fin = events_of(Speculator(target, DraftModel(draft), 4, adaptive=False).stream(prompt, req))
+    assert fin.token_ids == expected
+    assert fin.stats.drafted_tokens - fin.stats.accepted_tokens > 150  # rollbacks: mostly rejected
+
+
+def test_stop_strings_and_text_through_the_same_sequence(tiny_chat_dir):
+    target = Engine.load(tiny_chat_dir, dtype="float32", device="cpu")
+    prompt = target.raw_ids("the cat sat on the mat and the cat sat on the")
+    free = target.generate(prompt, Request(max_new_tokens=40, ignore_eos=True))
+    stop = free.text[len(free.text) // 2:len(free.text) // 2 + 3]
+    req = Request(max_new_tokens=40, ignore_eos=True, stop=(stop,))
+    plain, pf = events_of(target.stream(prompt, req))
+    for draft in (PromptLookup(2), DraftModel(target)):
+        spec, sf = events_of(Speculator(target, draft, 5, adaptive=False).stream(prompt, req))
+        assert [(t, x) for t, x, _ in spec] == [(t, x) for t, x, _ in plain]
+        assert (sf.text, sf.reason) == (pf.text, "stop") and stop not in sf.text
+
+
+def test_chat_session_with_a_speculator(tiny_chat_dir):
+    engine = Engine.load(tiny_chat_dir, dtype="float32", device="cpu")
+    req = Request(max_new_tokens=12, ignore_eos=True)
+    plain = ChatSession(engine, max_context=250)
+    spec = ChatSession(engine, max_context=250, stream=Speculator(engine, DraftModel(engine), 4).stream)
+    for text in ("hello there", "and again", "once more"):
+        a = [e for e in plain.turn(text, req)][-1]
+        b = [e for e in spec.turn(text, req)][-1]
+        assert a.token_ids == b.token_ids and b.stats.prefill_tokens == a.stats.prefill_tokens
+
+
+# -- sampling -------------------------------------------------------------------------------------------------
+
+
+def test_prompt_lookup_sampling_is_plain_sampling(target):
+    """A draft without probabilities keeps a token only when the model's own draw agrees: the same seed gives
+    the same output as plain sampling, draw for draw."""
+    for seed in range(5):
+        req = Request(max_new_tokens=30, sampling=SamplingParams(temperature=0.7, top_k=5), seed=seed,
+                      ignore_eos=True, logprobs=True)
+        plain, _ = events_of(target.stream(PROMPT, req))
+        spec, fin = events_of(Speculator(target, PromptLookup(1), 4, adaptive=False).stream(PROMPT, req))
+        assert [t for t, _, _ in spec] == [t for t, _, _ in plain]
+        assert fin.stats.drafted_tokens > 0
+
+
+def chi_square_sf(x: float, df: int) -> float:
+    """P(X > x) for a chi-square with df degrees of freedom."""
+    return float(torch.special.gammaincc(torch.tensor(df / 2, dtype=torch.float64),
+                                         torch.tensor(x / 2, dtype=torch.float64)))
+
+
+def exact_three_token_probs(engine, params) -> dict[tuple[int, ...], float]:
+    """P(first three tokens) under plain sampling, computed from the model's distributions."""
+    from llamacli.generation import Sequence
+
+    def dist(ids):
+        seq = Sequence(ids, Request(sampling=params), eos_ids=frozenset(), vocab_size=engine.config.vocab_size)
+        return seq.distribution(engine.model(torch.tensor([ids]))[0, -1].float())
+
+    out = {}
+    p1 = dist(PROMPT)
+    for a in torch.nonzero(p1).flatten().tolist():
+        p2 = dist(PROMPT + [a])
+        for b in torch.nonzero(p2).flatten().tolist():
+            p3 = dist(PROMPT + [a, b])
+            for c in torch.nonzero(p3).flatten().tolist():
+                out[(a, b, c)] = float(p1[a] * p2[b] * p3[c])
+    return out
+
+
+class OneHotDraft:
+    """A stub draft: proposes `choose(ids)` with all its probability on that token."""
+
+    name = "stub"
+
+    def __init__(self, choose, vocab):
+        self.choose, self.vocab = choose, vocab
+
+    def propose(self, ids, k, params):
+        tokens = [self.choose(ids)] * k
+        probs = torch.zeros(k, self.vocab)
+        probs[torch.arange(k), torch.tensor(tokens)] = 1.0
+        return tokens, probs
+
+
+def sample_counts(engine, stream_for, params, n):
+    counts: dict[tuple[int, ...], int] = {}
+    totals = [0, 0]
+    for seed in range(n):
+        _, fin = events_of(stream_for()(PROMPT, Request(max_new_tokens=3, sampling=params, seed=seed,
+                                                        ignore_eos=True)))
+        key = tuple(fin.token_ids)
+        counts[key] = counts.get(key, 0) + 1
+        totals[0] += fin.stats.drafted_tokens
+        totals[1] += fin.stats.accepted_tokens
+    return counts, totals
+
+
+def chi_square_p(counts, probs, n) -> float:
+    """Pool the cells expected below 5 into one; the p-value of the counts under probs."""
+    assert set(counts) <= set(probs), "a sequence plain sampling can never produce"
+    stat, df, small_e, small_o = 0.0, -1, 0.0, 0
+    for key, p in probs.items():
+        e, o = p * n, counts.get(key, 0)
+        if e < 5:
+            small_e, small_o = small_e + e, small_o + o
+            continue
+        stat, df = stat + (o - e) ** 2 / e, df + 1
+    if small_e > 0:
+        stat, df = stat + (small_o - small_e) ** 2 / small_e, df + 1
+    return chi_square_sf(stat, df)
+
+
+N_SAMPLES = 600
+PARAMS = SamplingParams(temperature=1.0, top_k=3)
+
+
+@pytest.fixture(scope="module")
+def exact(target):
+    return exact_three_token_probs(target, PARAMS)
+
+
+class MixtureDraft:
+    """A draft with probabilities that is right about half the time: q = (p_model + p_other) / 2."""
+
+    name = "mixture"
+
+    def __init__(self, target, other, seed):
+        self.target, self.other = target, other
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def propose(self, ids, k, params):
+        from llamacli.sampling import filter_logits
+
+        tokens, probs = [], []
+        for _ in range(k):
+            x = torch.tensor([ids + tokens])
+            q = sum(torch.softmax(filter_logits(e.model(x)[0, -1].float(), params), -1)
+                    for e in (self.target, self.other)) / 2
+            tokens.append(int(torch.multinomial(q, 1, generator=self.generator)))
+            probs.append(q)
+        return tokens, torch.stack(probs)
+
+
+def test_draft_model_sampling_keeps_the_distribution(target, other, exact):
+    """Rejection sampling min(1, p/q) with the residual max(0, p - q): the first three tokens are distributed as
+    under plain sampling (fixed seeds: deterministic), with a draft whose guesses are often rejected."""
+    seeds = iter(range(10**6))
+    counts, (drafted, accepted) = sample_counts(
+        target, lambda: Speculator(target, MixtureDraft(target, other, next(seeds)), 2, adaptive=False).stream,
+        PARAMS, N_SAMPLES)
+    assert 0 < accepted < drafted  # both branches ran
+    assert chi_square_p(counts, exact, N_SAMPLES) > 1e-3
+
+
+def test_plain_sampling_passes_the_same_test(target, exact):
+    counts, _ = sample_counts(target, lambda: target.stream, PARAMS, N_SAMPLES)
+    assert chi_square_p(counts, exact, N_SAMPLES) > 1e-3
+
+
+def test_never_accepted_stub_keeps_the_distribution(target, exact):
+    """A draft whose token the model never samples (outside its top-k): every draft rejected, and the residual
+    alone must give plain sampling's distribution."""
+    def unlikely(ids):
+        logits = target.model(torch.tensor([ids]))[0, -1]
+        return int(torch.argmin(logits))
+
+    counts, (drafted, accepted) = sample_counts(
+        target, lambda: Speculator(target, OneHotDraft(unlikely, target.config.vocab_size), 2,
+                                   adaptive=False).stream, PARAMS, N_SAMPLES // 2)
+    assert drafted > 0 and accepted == 0
+    assert chi_square_p(counts, exact, N_SAMPLES // 2) > 1e-3
+
+
+def test_always_accepted_stub(target):
+    """The model itself as the draft, sampling with the same parameters: p == q, so every draft is kept."""
+    params = SamplingParams(temperature=0.9, top_p=0.9)
+    req = Request(max_new_tokens=30, sampling=params, seed=11, ignore_eos=True)
+    _, fin = events_of(Speculator(target, DraftModel(target), 3, adaptive=False).stream(PROMPT, req))
+    assert fin.stats.drafted_tokens > 0
+    assert fin.stats.accepted_tokens == fin.stats.drafted_tokens
+
+
+# -- the adaptive length, the vocabulary check ------------------------------------------------------------------
+
+
+def test_draft_length_adapts_and_turns_itself_off():
+    length = DraftLength(6)
+    assert length.want(0) == 0  # plain steps first, to know what a step costs
+    length.plain(0.010)
+    length.plain(0.010)
+    assert length.want(2) == 6
+    length.round(6, 1, 0.020, 4)  # kept 1 of 6: shorter
+    assert length.want(4) == 5
+    length.round(5, 5, 0.030, 10)  # kept all: longer again
+    assert length.want(10) == 6
+    for g in range(11, 20):  # rounds cost more per token than plain steps: off for 16 tokens, then retried
+        length.round(6, 0, 0.030, g)
+        if length.want(g) == 0:
+            break
+    assert g < 19 and length.want(g + 15) == 0 and length.want(g + 16) == 3
+    assert DraftLength(6, adaptive=False).want(0) == 6
+
+
+def test_adaptive_run_still_equals_plain(target, other):
+    req = Request(max_new_tokens=50, ignore_eos=True)
+    expected = target.generate(PROMPT, req).token_ids
+    _, fin = events_of(Speculator(target, DraftModel(other), 4).stream(PROMPT, req))
+    assert fin.token_ids == expected
+
+
+def test_vocabulary_mismatch_is_refused(target, tiny_checkpoint):
+    small = load(tiny_checkpoint(vocab_size=100))
+    with pytest.raises(UsageError, match="its vocabulary has 100 tokens, the model's 128"):
+        check_same_vocabulary(target, small, "--draft-model small")
+    other_eos = load(tiny_checkpoint(eos_token_id=3))
+    with pytest.raises(UsageError, match="special ids differ"):
+        check_same_vocabulary(target, other_eos, "--draft-model x")
+
+
+# -- the CLI ----------------------------------------------------------------------------------------------------
+
+
+def run_cli(*args):
+    from typer.testing import CliRunner
+
+    from llamacli.cli import app
+
+    return CliRunner().invoke(app, list(args))
+
+
+def test_cli_generate_with_drafts(tiny_chat_dir, tmp_path):
+    from tests.conftest import write_tiny_chat_checkpoint
+
+    base = ["generate", "-m", str(tiny_chat_dir), "--raw", "-p", "the cat sat on the mat and the cat", "-n", "24",
+            "--ignore-eos", "--json"]
+    plain = json.loads(run_cli(*base).stdout)
+    draft_dir = write_tiny_chat_checkpoint(tmp_path / "d", seed=3)
+    for extra in (["--prompt-lookup", "2"], ["--draft-model", str(draft_dir), "--draft-tokens", "3"],
+                  ["--draft-model", str(tiny_chat_dir)]):
+        result = run_cli(*base, *extra)
+        assert result.exit_code == 0, result.output
+        out = json.loads(result.stdout)
+        assert out["token_ids"] == plain["token_ids"]
+        assert out["stats"]["drafted_tokens"] >= out["stats"]["accepted_tokens"] >= 0
+        assert "acceptance_rate" in out["stats"] and "draft" not in plain["stats"]
+
+
+def test_cli_refuses_bad_draft_options(tiny_chat_dir, tmp_path):
+    from tests.conftest import write_tiny_chat_checkpoint
+    from llamacli.config import load_config
+
+    padded = write_tiny_chat_checkpoint(tmp_path / "padded", vocab_size=load_config(tiny_chat_dir).vocab_size + 16)
+    base = ["generate", "-m", str(tiny_chat_dir), "--raw", "-p", "hi", "-n", "4"]
+    result = run_cli(*base, "--draft-model", str(padded))
+    assert result.exit_code == 2 and "error: --draft-model" in result.output and "vocabulary" in result.output
+    result = run_cli(*base, "--draft-tokens", "3")
+    assert result.exit_code == 2 and "--draft-tokens needs a draft" in result.output
+    result = run_cli(*base, "--prompt-lookup", "2", "--draft-model", str(tiny_chat_dir))
+    assert result.exit_code == 2 and "not both" in result.output
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["lookup", "layers"])
+def test_smollm2_greedy_equals_plain(smollm2_dir, tmp_path, kind):
+    from benchmarks.bench_speculative import truncated_checkpoint
+
+    engine = Engine.load(smollm2_dir, dtype="float32", device="cpu")
+    text = ("Rewrite this sentence in plain words: The committee, having deliberated at considerable length, "
+            "resolved to postpone the decision until further evidence could be gathered.")
+    ids = engine.chat_ids([{"role": "user", "content": text}])
+    req = Request(max_new_tokens=48)
+    expected = engine.generate(ids, req)
+    draft = PromptLookup(3) if kind == "lookup" else DraftModel(Engine.load(truncated_checkpoint(smollm2_dir,
+                                                                                               tmp_path, 8)))
+    _, fin = events_of(Speculator(engine, draft, 4, adaptive=False).stream(ids, req))
+    assert fin.token_ids == expected.token_ids and fin.reason == expected.reason
