@@ -7,11 +7,11 @@ from typing import Annotated, Optional
 
 import typer
 
-from llamacli.cli.app import (Device, DeviceOpt, DraftModelOpt, DraftTokensOpt, Dtype, DtypeOpt, GroupSizeOpt,
-                              MaxNewOpt, MinPOpt, ModelOpt, PromptLookupOpt, QuantizeOpt, RepPenaltyOpt, RevisionOpt,
-                              SeedOpt, StatsOpt, StopOpt, SystemOpt, TemperatureOpt, TemplateOpt, TensorParallelOpt,
-                              TokenizerOpt, TopKOpt, TopPOpt, app, check_sampling, check_speculative, errors,
-                              load_engine, note, shared_seed, speculative_stream, start_distributed)
+from llamacli.cli.app import (Device, DeviceOpt, Dtype, DtypeOpt, GroupSizeOpt, MaxNewOpt, MinPOpt, ModelOpt,
+                              QuantizeOpt, RepPenaltyOpt, RevisionOpt, SeedOpt, StatsOpt, StopOpt, SystemOpt,
+                              TemperatureOpt, TemplateOpt, TensorParallelOpt, TokenizerOpt, TopKOpt, TopPOpt, app,
+                              check_sampling, errors, load_engine, note, shared_seed, start_distributed)
+from llamacli.cli.speculative import DraftModelOpt, DraftTokensOpt, PromptLookupOpt, check_speculative, speculative_stream
 from llamacli.cli.repl import ChatLoop
 from llamacli.errors import TokenizerError, UsageError
 from llamacli.prompts import sampling_params

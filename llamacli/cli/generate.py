@@ -9,12 +9,12 @@ from typing import Annotated, Optional
 
 import typer
 
-from llamacli.cli.app import (DeviceOpt, Device, DraftModelOpt, DraftTokensOpt, Dtype, DtypeOpt, GroupSizeOpt,
-                              IgnoreEosOpt, MaxNewOpt, MinPOpt, ModelOpt, PromptLookupOpt, QuantizeOpt, RepPenaltyOpt,
-                              RevisionOpt, SeedOpt, StatsOpt, StopOpt, SystemOpt, TemperatureOpt, TemplateOpt,
-                              TensorParallelOpt, TokenizerOpt, TopKOpt, TopPOpt, app, check_sampling, check_speculative,
-                              errors, load_engine, note, read_text_arg, shared_seed, speculative_stream,
+from llamacli.cli.app import (DeviceOpt, Device, Dtype, DtypeOpt, GroupSizeOpt, IgnoreEosOpt, MaxNewOpt, MinPOpt,
+                              ModelOpt, QuantizeOpt, RepPenaltyOpt, RevisionOpt, SeedOpt, StatsOpt, StopOpt,
+                              SystemOpt, TemperatureOpt, TemplateOpt, TensorParallelOpt, TokenizerOpt, TopKOpt,
+                              TopPOpt, app, check_sampling, errors, load_engine, note, read_text_arg, shared_seed,
                               start_distributed, stats_line, stderr, stop_on_interrupt, write)
+from llamacli.cli.speculative import DraftModelOpt, DraftTokensOpt, PromptLookupOpt, check_speculative, speculative_stream
 from llamacli.errors import TokenizerError, UsageError
 from llamacli.prompts import default_max_new_tokens, encode_prompt, sampling_params
 from llamacli.request import Finished, Request, TokenEvent
