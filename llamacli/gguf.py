@@ -255,7 +255,8 @@ def _dequantize(tensor) -> np.ndarray:
     return values if values.flags.writeable else values.copy()
 
 
-def _write_weights(reader, config: dict, out: Path, dtype: str, progress: ProgressFn | None) -> None:
+def _write_weights(reader, config: dict, out: Path, dtype: str, progress: ProgressFn | None,
+                   max_shard_bytes: int = SHARD_BYTES) -> None:
     import torch
     from safetensors.torch import save_file
 
@@ -285,7 +286,7 @@ def _write_weights(reader, config: dict, out: Path, dtype: str, progress: Progre
                                f"expected {expected[name]} from the metadata")
         weight = torch.from_numpy(np.ascontiguousarray(values)).to(torch_dtype).contiguous()
         size = weight.numel() * weight.element_size()
-        if shard_bytes and shard_bytes + size > SHARD_BYTES:
+        if shard_bytes and shard_bytes + size > max_shard_bytes:
             shards.append({})
             shard_bytes = 0
         shards[-1][name] = weight
@@ -319,8 +320,10 @@ def _write_weights(reader, config: dict, out: Path, dtype: str, progress: Progre
 
 
 def convert_gguf(src: str | Path, out_dir: str | Path, dtype: str = "bfloat16",
-                 progress: ProgressFn | None = None, overwrite: bool = False) -> Path:
-    """Convert a llama GGUF file into a Hugging Face checkpoint folder; returns the folder.
+                 progress: ProgressFn | None = None, overwrite: bool = False,
+                 max_shard_bytes: int = SHARD_BYTES) -> Path:
+    """Convert a llama GGUF file into a Hugging Face checkpoint folder; returns the folder. Weights go into
+    safetensors shards of at most `max_shard_bytes` (one tensor past it opens the next shard).
 
     The folder is built beside `out_dir` and renamed into place when complete (`files.new_folder`): a failure
     leaves no half-written checkpoint, and an existing non-empty `out_dir` is refused unless `overwrite` (then
@@ -342,7 +345,7 @@ def convert_gguf(src: str | Path, out_dir: str | Path, dtype: str = "bfloat16",
 
     with files.new_folder(out, overwrite) as tmp:
         write_tokenizer(meta, tmp, config)
-        _write_weights(reader, config, tmp, dtype, progress)
+        _write_weights(reader, config, tmp, dtype, progress, max_shard_bytes)
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         (tmp / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
     return out

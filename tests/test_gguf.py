@@ -359,12 +359,9 @@ def test_tiny_roundtrip_config_and_logits(tiny_llama_gguf, tmp_path):
     assert (got - want).abs().max().item() < 1e-5
 
 
-def test_large_models_are_sharded(tiny_llama_gguf, tmp_path, monkeypatch):
-    import llamacli.gguf as gguf_module
-
+def test_large_models_are_sharded(tiny_llama_gguf, tmp_path):
     path, _, expected = tiny_llama_gguf
-    monkeypatch.setattr(gguf_module, "SHARD_BYTES", 64 * 1024)
-    out = convert_gguf(path, tmp_path / "out", dtype="float32")
+    out = convert_gguf(path, tmp_path / "out", dtype="float32", max_shard_bytes=64 * 1024)
     index = json.loads((out / "model.safetensors.index.json").read_text())
     files = sorted(set(index["weight_map"].values()))
     assert len(files) > 2 and not (out / "model.safetensors").exists()
