@@ -1,13 +1,21 @@
 """The int8 and int4 weight formats: model/linear's `LinearFormat` over quantized weights.
 
-- `Int8Rows`: symmetric per-row int8. On a CPU one product of a few rows runs torch's
-  `_weight_int8pack_mm` (A (M, K) float32/bfloat16/float16 contiguous, B int8 (N, K), scales (N,) in A's dtype;
-  any N; it has an AVX512 path and a generic one, both right). Elsewhere (CUDA, MPS, many rows, a torch without
-  the op) it dequantizes the matrix in the input's dtype and multiplies: the same result up to float rounding.
-- `Int4Groups`: affine int4 per group of 32/64/128 columns. On a CPU, when N is a multiple of 16 (the op refuses
-  others), the weight is packed once by `_convert_weight_to_int4pack_for_cpu` and multiplied by
-  `_weight_int4pack_mm_for_cpu` (float32/bfloat16/float16 A, scales and zeros (K / group, N, 2) in A's dtype,
-  w = (q - 8) * scale + zero); elsewhere it dequantizes and multiplies.
+On a CPU a product of at most `KERNEL_ROWS_MAX` rows (a decode step, a small batch) runs torch's kernels on
+bfloat16 activations, accumulating in fp32 (`KERNEL_DTYPE`): their only vectorized path (AVX2 / AVX512). Given
+float32 or float16 they take a generic loop 10-100x slower (SmolLM2's 3072x576 gate/up, one thread, one row:
+int8 2.2 ms in fp32 vs 0.18 ms in bf16, int4 5.1 vs 0.14 ms; a dense fp32 product takes 0.34 ms), so fp32 and
+fp16 rows are rounded to bf16 for the product and its result cast back; the rest of the model (residual
+stream, norms, attention) keeps the run's dtype. More rows (prefill), other devices, a CPU without AVX2 or a
+torch without the ops: the matrix is dequantized in the input's dtype and multiplied by BLAS, the same result
+up to float rounding (and faster there: one read of the matrix, then BLAS speed).
+
+- `Int8Rows`: symmetric per-row int8; `_weight_int8pack_mm` (A (M, K) contiguous, B int8 (N, K), scales (N,)
+  in A's dtype; any N).
+- `Int4Groups`: affine int4 per group of 32/64/128 columns. Where N is a multiple of 16 (the op refuses
+  others) the weight is packed once by `_convert_weight_to_int4pack_for_cpu` and multiplied by
+  `_weight_int4pack_mm_for_cpu` (scales and zeros (K / group, N, 2) in A's dtype, w = (q - 8) * scale + zero).
+  The packed copy replaces the raw one when `unpack_cpu_int4` reads it back exactly (checked on each matrix;
+  the layout is AVX512's), else both are kept and counted.
 """
 
 from __future__ import annotations
@@ -17,21 +25,25 @@ import functools
 import torch
 
 from llamacli.model.linear import LinearFormat
-from llamacli.quant.quantize import QuantizedTensor, concat, dequantize, unpack_int4
+from llamacli.quant.quantize import QuantizedTensor, concat, dequantize, dequantize_int4, unpack_int4
 
-# Above this many rows (prefill) the int8 kernel loses to dequantize + one BLAS product, which reads the
-# int8 matrix once and multiplies at BLAS speed (SmolLM2 3072x576, 2 threads: 128 rows 440 ms kernel vs 16 ms).
-INT8_KERNEL_ROWS_MAX = 8
+KERNEL_DTYPE = torch.bfloat16
+# Up to this many rows the kernels beat dequantize + one BLAS product (SmolLM2 3072x576 gate/up, one thread:
+# 16 rows int8 1.3 ms vs 1.0 ms BLAS + 1 ms to dequantize; 32 rows 6.5 ms vs 1.4 + 1 ms).
+KERNEL_ROWS_MAX = 16
 INT4_N_MULTIPLE = 16  # _convert_weight_to_int4pack_for_cpu: "expect N to be dividable by 16"
+INT4_PACK_BLOCK = 64  # rows per block of the CPU int4 packing (AVX512 layout)
 
 
 @functools.cache
-def int8_kernel_ok(dtype: torch.dtype) -> bool:
-    """Whether this torch has a right CPU `_weight_int8pack_mm` for inputs of `dtype`."""
+def int8_kernel_ok() -> bool:
+    """Whether this torch has a right and vectorized CPU `_weight_int8pack_mm` for bf16 activations."""
+    if torch.backends.cpu.get_cpu_capability() == "DEFAULT":
+        return False  # the generic loop is slower than dequantize + BLAS
     try:
         w = torch.arange(-16, 16, dtype=torch.int8).view(2, 16)
-        x = (torch.arange(32, dtype=torch.float32).view(2, 16) / 8).to(dtype)
-        s = torch.tensor([0.5, 0.25], dtype=dtype)
+        x = (torch.arange(32, dtype=torch.float32).view(2, 16) / 8).to(KERNEL_DTYPE)
+        s = torch.tensor([0.5, 0.25], dtype=KERNEL_DTYPE)
         got = torch.ops.aten._weight_int8pack_mm(x, w, s)
         return bool(torch.allclose(got.float(), x.float() @ (w.float() * s.float()[:, None]).t(), rtol=2e-2))
     except (RuntimeError, AttributeError, NotImplementedError):
@@ -39,17 +51,34 @@ def int8_kernel_ok(dtype: torch.dtype) -> bool:
 
 
 @functools.cache
-def int4_kernel_ok(dtype: torch.dtype) -> bool:
-    """Whether this torch has a right CPU int4 pack + `_weight_int4pack_mm_for_cpu` for inputs of `dtype`."""
+def int4_kernel_ok() -> bool:
+    """Whether this torch has a right and vectorized CPU int4 pack + `_weight_int4pack_mm_for_cpu` for bf16."""
+    if torch.backends.cpu.get_cpu_capability() == "DEFAULT":
+        return False
     try:
         q = (torch.arange(16 * 32) % 16).view(16, 32).to(torch.int32)
         packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 2)
-        sz = torch.stack((torch.full((1, 16), 0.5), torch.full((1, 16), 0.25)), -1).to(dtype)  # (groups, N, 2)
-        x = (torch.arange(64, dtype=torch.float32).view(2, 32) / 16).to(dtype)
+        sz = torch.stack((torch.full((1, 16), 0.5), torch.full((1, 16), 0.25)), -1).to(KERNEL_DTYPE)
+        x = (torch.arange(64, dtype=torch.float32).view(2, 32) / 16).to(KERNEL_DTYPE)
         got = torch.ops.aten._weight_int4pack_mm_for_cpu(x, packed, 32, sz)
         return bool(torch.allclose(got.float(), x.float() @ ((q.float() - 8) * 0.5 + 0.25).t(), rtol=2e-2))
     except (RuntimeError, AttributeError, NotImplementedError):
         return False
+
+
+def unpack_cpu_int4(packed: torch.Tensor, N: int, K: int) -> torch.Tensor:
+    """(N, K) uint8 values in [0, 15] from `_convert_weight_to_int4pack_for_cpu`'s AVX512 layout: blocks of 64
+    rows, each stored k by k as 32 bytes holding rows j (low nibble) and j + 32 (high); a last, shorter block of
+    n rows stores rows 2j (low) and 2j + 1 (high). Callers check the result against the raw values once."""
+    flat = packed.reshape(-1)
+    B = INT4_PACK_BLOCK
+    full = N // B * B
+    blocks = flat[:full * K // 2].view(N // B, K, B // 2)
+    rows = [torch.cat((blocks & 0xF, blocks >> 4), -1).transpose(1, 2).reshape(full, K)]
+    if N > full:
+        tail = flat[full * K // 2:].view(K, (N - full) // 2)
+        rows.append(torch.stack((tail & 0xF, tail >> 4), -1).view(K, N - full).t())
+    return torch.cat(rows)
 
 
 def _add_bias(y: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -57,7 +86,7 @@ def _add_bias(y: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
 
 
 class _Quantized(LinearFormat):
-    """What both formats share: the stored tensor, the bias, sizes, the dequantize fallback."""
+    """What both formats share: the stored tensor, the bias, sizes, the kernel call and the fallback."""
 
     def __init__(self, t: QuantizedTensor, bias: torch.Tensor | None):
         self.stored = t
@@ -66,14 +95,25 @@ class _Quantized(LinearFormat):
         self.in_features = t.q.shape[1] * (2 if t.bits == 4 else 1)
         self.dtype = torch.int8 if t.bits == 8 else torch.uint8
         self.bits, self.group_size = t.bits, t.group_size
-        # (the CPU-packed int4 copy that replaces q has q's size)
         self.nbytes = sum(p.numel() * p.element_size() for p in (t.q, t.scales, t.biases, bias) if p is not None)
+        self._kernel_args: tuple | None = None  # set by a subclass where its CPU kernel applies
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The (out, in) float matrix this format multiplies by (the test oracle, and the fallback's weight)."""
         return dequantize(self.stored, dtype)
 
-    def _fallback(self, x: torch.Tensor) -> torch.Tensor:
+    def _kernel(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def uses_kernel(self, x: torch.Tensor) -> bool:
+        """Whether `mm(x)` runs the CPU kernel (on bf16-rounded rows) rather than dequantize + BLAS."""
+        return self._kernel_args is not None and x.device.type == "cpu" and x.shape[0] <= KERNEL_ROWS_MAX
+
+    def mm(self, x: torch.Tensor) -> torch.Tensor:
+        """x (N, in) @ W.T + bias: the CPU kernel on bf16 rows for a few rows, dequantize + BLAS otherwise."""
+        if self.uses_kernel(x):
+            y = self._kernel(x.to(KERNEL_DTYPE).contiguous())
+            return _add_bias(y if x.dtype == KERNEL_DTYPE else y.to(x.dtype), self.bias)
         return _add_bias(x @ self.dequantize(x.dtype).t(), self.bias)
 
     def __repr__(self) -> str:
@@ -86,19 +126,11 @@ class Int8Rows(_Quantized):
 
     def __init__(self, t: QuantizedTensor, bias: torch.Tensor | None = None):
         super().__init__(t, bias)
-        self._scales: dict[torch.dtype, torch.Tensor] = {}
+        if t.q.device.type == "cpu" and int8_kernel_ok():
+            self._kernel_args = (t.q, t.scales.to(KERNEL_DTYPE))
 
-    def _scales_in(self, dtype: torch.dtype) -> torch.Tensor:
-        if dtype not in self._scales:
-            self._scales[dtype] = self.stored.scales.to(dtype)
-        return self._scales[dtype]
-
-    def mm(self, x: torch.Tensor) -> torch.Tensor:
-        """x (N, in) @ W.T + bias: the int8 kernel for a few CPU rows, dequantize + product otherwise."""
-        if x.device.type == "cpu" and x.shape[0] <= INT8_KERNEL_ROWS_MAX and int8_kernel_ok(x.dtype):
-            y = torch.ops.aten._weight_int8pack_mm(x.contiguous(), self.stored.q, self._scales_in(x.dtype))
-            return _add_bias(y, self.bias)
-        return self._fallback(x)
+    def _kernel(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.aten._weight_int8pack_mm(x, *self._kernel_args)
 
     def rows(self, ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """Rows `ids` (n,) of the matrix, dequantized to (n, in) in `dtype`."""
@@ -112,35 +144,27 @@ class Int4Groups(_Quantized):
     def __init__(self, t: QuantizedTensor, bias: torch.Tensor | None = None):
         super().__init__(t, bias)
         self._packed = None
-        self._sz: dict[torch.dtype, torch.Tensor] = {}
-        if t.q.device.type == "cpu" and self.out_features % INT4_N_MULTIPLE == 0 and int4_kernel_ok(torch.float32):
-            q = unpack_int4(t.q).to(torch.int32)  # (out, in) in [0, 15]
-            self._packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 2)
-            self.stored = t._replace(q=None)  # the packed copy replaces the raw one: int4 stays half a byte
+        if t.q.device.type == "cpu" and self.out_features % INT4_N_MULTIPLE == 0 and int4_kernel_ok():
+            q = unpack_int4(t.q)  # (out, in) in [0, 15]
+            self._packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32), 2)
+            s, b = t.scales.float(), t.biases.float()  # w = (q - 8) * scale + zero = q * scale + bias
+            sz = torch.stack((s, b + 8 * s), -1).transpose(0, 1).contiguous().to(KERNEL_DTYPE)  # (in / g, out, 2)
+            self._kernel_args = (self._packed, self.group_size, sz)
+            if torch.equal(unpack_cpu_int4(self._packed, self.out_features, self.in_features), q):
+                self.stored = t._replace(q=None)  # the packed copy replaces the raw one: int4 stays half a byte
+            else:  # a packing layout we cannot read back: keep the raw values for dequantize, and count them
+                self.nbytes += self._packed.numel() * self._packed.element_size()
+
+    def _kernel(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.aten._weight_int4pack_mm_for_cpu(x, *self._kernel_args)
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """The (out, in) float matrix this format multiplies by; from the packed weight, I @ W.T (exact in fp32)."""
-        if self._packed is None:
+        """The (out, in) float matrix this format multiplies by, from the raw or the CPU-packed values."""
+        t = self.stored
+        if t.q is not None:
             return super().dequantize(dtype)
-        eye = torch.eye(self.in_features, dtype=torch.float32)
-        w_t = torch.ops.aten._weight_int4pack_mm_for_cpu(eye, self._packed, self.group_size,
-                                                         self._scales_zeros(torch.float32))
-        return w_t.t().to(dtype)
-
-    def _scales_zeros(self, dtype: torch.dtype) -> torch.Tensor:
-        """(in / group, out, 2): scale and zero, w = (q - 8) * scale + zero = q * scale + bias."""
-        if dtype not in self._sz:
-            s, b = self.stored.scales.float(), self.stored.biases.float()
-            self._sz[dtype] = torch.stack((s, b + 8 * s), -1).transpose(0, 1).contiguous().to(dtype)
-        return self._sz[dtype]
-
-    def mm(self, x: torch.Tensor) -> torch.Tensor:
-        """x (N, in) @ W.T + bias: the int4 kernel on a CPU where N is a multiple of 16, else dequantize."""
-        if self._packed is not None and x.device.type == "cpu" and int4_kernel_ok(x.dtype):
-            y = torch.ops.aten._weight_int4pack_mm_for_cpu(x.contiguous(), self._packed, self.group_size,
-                                                           self._scales_zeros(x.dtype))
-            return _add_bias(y, self.bias)
-        return self._fallback(x)
+        q = unpack_cpu_int4(self._packed, self.out_features, self.in_features)
+        return dequantize_int4(q, t.scales, t.biases, self.group_size, dtype)
 
 
 def build_quantized(parts: list[QuantizedTensor], biases: list[torch.Tensor | None] | None = None) -> LinearFormat:

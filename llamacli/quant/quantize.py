@@ -114,10 +114,15 @@ def dequantize(t: QuantizedTensor, dtype: torch.dtype = torch.float32) -> torch.
     """The float (out, in) matrix a stored quantized tensor stands for, computed in float32."""
     if t.bits == 8:
         return (t.q.float() * t.scales.float()[:, None]).to(dtype)
-    q = unpack_int4(t.q).float()
+    return dequantize_int4(unpack_int4(t.q), t.scales, t.biases, t.group_size, dtype)
+
+
+def dequantize_int4(q: torch.Tensor, scales: torch.Tensor, biases: torch.Tensor, group_size: int,
+                    dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """(out, in) values in [0, 15] with (out, in / group) scales and biases -> q * scale + bias in float32."""
     N, K = q.shape
-    g = q.view(N, K // t.group_size, t.group_size)
-    return (g * t.scales.float()[..., None] + t.biases.float()[..., None]).view(N, K).to(dtype)
+    g = q.float().view(N, K // group_size, group_size)
+    return (g * scales.float()[..., None] + biases.float()[..., None]).view(N, K).to(dtype)
 
 
 def concat(parts: list[QuantizedTensor]) -> QuantizedTensor:
