@@ -170,7 +170,8 @@ def _quantization_of(reader) -> quantization.Quantization:
     """The quantization a GGUF's matrices map onto: int4 (groups of 32) when any maps exactly, else int8; the
     matrices whose bits differ from that rule are listed, and the GGUF types are recorded as the source."""
     bits = {_hf_name(t.name): gguf_quant.bits_for(t.tensor_type) for t in reader.tensors if len(t.shape) == 2}
-    base = quantization.Quantization(4 if 4 in bits.values() else 8, gguf_quant.GROUP_SIZE if 4 in bits.values() else None)
+    int4 = 4 in bits.values()
+    base = quantization.Quantization(4 if int4 else 8, gguf_quant.GROUP_SIZE if int4 else None)
     kinds = Counter(gguf_quant.type_name(t.tensor_type) for t in reader.tensors if len(t.shape) == 2)
     source = "GGUF " + ", ".join(
         f"{n} {kind} ({'int4, exact' if kind in gguf_quant.EXACT_TYPES else 'int8, requantized'})"
@@ -263,10 +264,11 @@ def quantized_types(src: str | Path) -> list[str]:
     return [kind for kind, _ in counts.most_common()]
 
 
-def refuse_quantized(src: str | Path, hint: str) -> None:
-    """UsageError before any conversion when a GGUF file is quantized already (`hint`: what to do instead)."""
-    if types := quantized_types(src):
-        raise UsageError(f"{src} is already quantized ({', '.join(types)}): it loads as int8/int4 weights "
+def refuse_quantized(spec: str | Path, hint: str) -> None:
+    """UsageError, before any conversion, when a `--model` spec names a GGUF file whose matrices are quantized
+    already (`hint`: what to do instead); nothing for any other spec."""
+    if str(spec).lower().endswith(".gguf") and (types := quantized_types(spec)):
+        raise UsageError(f"{spec} is already quantized ({', '.join(types)}): it loads as int8/int4 weights "
                          f"without a flag; {hint}")
 
 

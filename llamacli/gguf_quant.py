@@ -29,7 +29,7 @@ FLOAT_TYPES = ("F32", "F16", "BF16")
 EXACT_TYPES = ("Q4_0", "Q4_1", "Q4_K")
 _NOT_WEIGHTS = ("I8", "I16", "I32", "I64", "F64")
 _FP16_MAX = float(np.finfo(np.float16).max)
-BLOCK_ELEMENTS = 1 << 20  # rows are requantized in blocks of about this many values (bounded float copies)
+BLOCK_ELEMENTS = 1 << 20  # rows are requantized in blocks of about this many values
 
 
 class Mapped(NamedTuple):
@@ -73,7 +73,11 @@ def map_matrix(data: np.ndarray, qtype: int, shape: tuple[int, int], name: str) 
     if kind in EXACT_TYPES:
         blocks = np.asarray(data, dtype=np.uint8).reshape(rows, -1)
         return {"Q4_0": _q4_0, "Q4_1": _q4_1, "Q4_K": _q4_k}[kind](blocks, rows, cols)
-    return requantize_int8(dequantize(data, qtype, shape, name))
+    # Dequantized a block of rows at a time, so that the float copy stays small next to the matrix.
+    step = max(1, BLOCK_ELEMENTS // max(1, cols))
+    parts = [requantize_int8(dequantize(data[r:r + step], qtype, (min(step, rows - r), cols), name))
+             for r in range(0, rows, step)]
+    return Mapped(8, np.concatenate([p.weight for p in parts]), np.concatenate([p.scales for p in parts]), None)
 
 
 def pack_int4(q: np.ndarray) -> np.ndarray:
@@ -142,11 +146,5 @@ def dequantize(data: np.ndarray, qtype: int, shape: tuple[int, ...], name: str) 
 
 def requantize_int8(w: np.ndarray) -> Mapped:
     """Symmetric per-row int8 of a float32 matrix: scale = max |w| / 127 per row, q = round(w / scale)."""
-    step = max(1, BLOCK_ELEMENTS // max(1, w.shape[1]))
-    qs, ss = [], []
-    for start in range(0, w.shape[0], step):
-        block = w[start:start + step]
-        scales = np.maximum(np.abs(block).max(axis=1) / np.float32(127), np.finfo(np.float32).tiny)
-        qs.append(np.clip(np.rint(block / scales[:, None]), -127, 127).astype(np.int8))
-        ss.append(scales.astype(np.float32))
-    return Mapped(8, np.concatenate(qs), np.concatenate(ss), None)
+    scales = np.maximum(np.abs(w).max(axis=1) / np.float32(127), np.finfo(np.float32).tiny).astype(np.float32)
+    return Mapped(8, np.clip(np.rint(w / scales[:, None]), -127, 127).astype(np.int8), scales, None)

@@ -18,7 +18,7 @@ from gguf import quants
 from safetensors.torch import load_file
 
 from llamacli import gguf_quant, quantization
-from llamacli.errors import UsageError, WeightsError
+from llamacli.errors import WeightsError
 from llamacli.gguf import cached_conversion, convert_gguf
 from llamacli.model.linear import Concatenated
 from llamacli.quant import QuantizedTensor, build_quantized, quantize_int8
@@ -101,7 +101,8 @@ def test_exact_types_map_onto_int4_groups_of_32_bit_for_bit(qtype, d, scale_dtyp
 
 
 @pytest.mark.parametrize("qtype", [Q.Q8_0, Q.Q5_0, Q.Q5_1, Q.Q6_K, Q.F16])
-def test_other_types_are_requantized_per_row_by_the_int8_rule(qtype):
+def test_other_types_are_requantized_per_row_by_the_int8_rule(qtype, monkeypatch):
+    monkeypatch.setattr(gguf_quant, "BLOCK_ELEMENTS", 3 * 512)  # rows dequantized 3 at a time: 3 + 3 + 2
     data = _blocks(qtype) if qtype != Q.F16 else np.random.default_rng(2).standard_normal((8, 512)).astype(np.float16)
     mapped = gguf_quant.map_matrix(data, qtype, (8, 512), "w")
     w = torch.from_numpy(quants.dequantize(data, qtype).reshape(8, 512).astype(np.float32))
@@ -157,6 +158,18 @@ def test_a_mixed_file_records_its_int8_matrices(mixed_gguf, tmp_path):
     assert entry["source"] == "GGUF 13 Q4_K (int4, exact), 3 Q6_K (int8, requantized)"
     quant = quantization.Quantization(4, 32, entry["matrix_bits"], entry["source"])
     assert quant.describe() == "int4 groups of 32 (2 matrices int8), from " + entry["source"]
+
+
+def test_a_quantized_conversion_shards_by_matrix_and_loads_the_same(int4_gguf, tmp_path):
+    whole = convert_gguf(int4_gguf, tmp_path / "whole", quantized=True)
+    sharded = convert_gguf(int4_gguf, tmp_path / "sharded", quantized=True, max_shard_bytes=16 * 1024)
+    weight_map = json.loads((sharded / "model.safetensors.index.json").read_text())["weight_map"]
+    assert len(set(weight_map.values())) > 2
+    for name, file in weight_map.items():  # a matrix's weight, scales and biases stay in one shard
+        assert weight_map[name.rsplit(".", 1)[0] + ".weight"] == file
+    ids = torch.tensor([PROMPT])
+    assert torch.equal(load_model(sharded, dtype="float32", device="cpu")(ids),
+                       load_model(whole, dtype="float32", device="cpu")(ids))
 
 
 def _compare(direct, reference) -> float:
@@ -238,10 +251,22 @@ def test_quantize_on_a_quantized_gguf_is_refused_in_one_line_before_converting(i
     assert r.stderr == f"error: {int4_gguf} is already quantized (Q4_1, Q4_0, Q4_K): it loads as int8/int4 " \
                        "weights without a flag; drop --quantize\n"
     assert not (tmp_path / "cache").exists()  # refused before any conversion
-    from llamacli.gguf import refuse_quantized
 
-    with pytest.raises(UsageError, match="quantize its float checkpoint instead"):
-        refuse_quantized(int4_gguf, "quantize its float checkpoint instead")
+
+@pytest.mark.parametrize("args, hint", [
+    (["quantize", "{gguf}", "{out}", "--bits", "8"], "quantize its float checkpoint instead"),
+    (["bench", "--model", "{gguf}", "-q", "none,int4"], "bench it with -q none"),
+])
+def test_quantize_and_bench_refuse_a_quantized_gguf(int4_gguf, tmp_path, monkeypatch, args, hint):
+    from typer.testing import CliRunner
+
+    from llamacli.cli import app
+
+    monkeypatch.setenv("LLAMACLI_CACHE", str(tmp_path / "cache"))
+    result = CliRunner().invoke(app, [a.format(gguf=int4_gguf, out=tmp_path / "out") for a in args])
+    assert result.exit_code == 2
+    assert result.stderr.endswith(f"without a flag; {hint}\n") and result.stderr.count("\n") == 1
+    assert not (tmp_path / "cache").exists() and not (tmp_path / "out").exists()
 
 
 def test_an_unsupported_type_in_a_quantized_gguf_is_one_line(int4_gguf, tmp_path):

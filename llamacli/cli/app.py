@@ -288,7 +288,7 @@ def load_engine(model: str, revision: Optional[str], dtype: Dtype, device: Devic
 
     quant = quantize.value if quantize else None
     check_quantize(quant, group_size)  # before a download or a conversion
-    if quant is not None and model.lower().endswith(".gguf"):
+    if quant is not None:
         from llamacli.gguf import refuse_quantized
 
         refuse_quantized(model, "drop --quantize")
