@@ -29,7 +29,7 @@ FLOAT_TYPES = ("F32", "F16", "BF16")
 EXACT_TYPES = ("Q4_0", "Q4_1", "Q4_K")
 _NOT_WEIGHTS = ("I8", "I16", "I32", "I64", "F64")
 _FP16_MAX = float(np.finfo(np.float16).max)
-BLOCK_ELEMENTS = 1 << 20  # rows are requantized in blocks of about this many values
+BLOCK_ELEMENTS = 1 << 20  # rows are mapped in blocks of about this many values
 
 
 class Mapped(NamedTuple):
@@ -67,17 +67,23 @@ def bits_for(qtype: int) -> int:
 
 def map_matrix(data: np.ndarray, qtype: int, shape: tuple[int, int], name: str) -> Mapped:
     """A GGUF matrix (its raw `data` as the reader gives it, (rows, bytes) for block types) in the stored layout;
-    `shape` is (rows, cols) and `name` the GGUF tensor name for errors."""
-    kind = type_name(qtype)
+    `shape` is (rows, cols) and `name` the GGUF tensor name for errors. Mapped a block of rows at a time, so
+    that the temporaries (unpacked values, float copies) stay small next to the matrix."""
     rows, cols = shape
+    step = max(1, BLOCK_ELEMENTS // max(1, cols))
+    parts = [_map_rows(data[r:r + step], qtype, (min(step, rows - r), cols), name) for r in range(0, rows, step)]
+    biases = None if parts[0].biases is None else np.concatenate([p.biases for p in parts])
+    return Mapped(parts[0].bits, np.concatenate([p.weight for p in parts]), np.concatenate([p.scales for p in parts]),
+                  biases)
+
+
+def _map_rows(data: np.ndarray, qtype: int, shape: tuple[int, int], name: str) -> Mapped:
+    """Some whole rows of a matrix: the exact int4 mapping of their blocks, or int8 of their dequantized values."""
+    kind, (rows, cols) = type_name(qtype), shape
     if kind in EXACT_TYPES:
         blocks = np.asarray(data, dtype=np.uint8).reshape(rows, -1)
         return {"Q4_0": _q4_0, "Q4_1": _q4_1, "Q4_K": _q4_k}[kind](blocks, rows, cols)
-    # Dequantized a block of rows at a time, so that the float copy stays small next to the matrix.
-    step = max(1, BLOCK_ELEMENTS // max(1, cols))
-    parts = [requantize_int8(dequantize(data[r:r + step], qtype, (min(step, rows - r), cols), name))
-             for r in range(0, rows, step)]
-    return Mapped(8, np.concatenate([p.weight for p in parts]), np.concatenate([p.scales for p in parts]), None)
+    return requantize_int8(dequantize(data, qtype, shape, name))
 
 
 def pack_int4(q: np.ndarray) -> np.ndarray:

@@ -89,7 +89,8 @@ def _blocks(qtype: Q, rows: int = 8, cols: int = 512, d: float | None = None) ->
 @pytest.mark.parametrize("qtype, d, scale_dtype", [
     (Q.Q4_0, None, np.float16), (Q.Q4_0, 9000.0, np.float32),  # -8 d overflows fp16: both kept as float32
     (Q.Q4_1, None, np.float16), (Q.Q4_K, None, np.float32)])
-def test_exact_types_map_onto_int4_groups_of_32_bit_for_bit(qtype, d, scale_dtype):
+def test_exact_types_map_onto_int4_groups_of_32_bit_for_bit(qtype, d, scale_dtype, monkeypatch):
+    monkeypatch.setattr(gguf_quant, "BLOCK_ELEMENTS", 3 * 512)  # rows mapped 3 at a time: 3 + 3 + 2
     data = _blocks(qtype, d=d)
     mapped = gguf_quant.map_matrix(data, qtype, (8, 512), "w")
     assert (mapped.bits, mapped.weight.shape, mapped.scales.shape) == (4, (8, 256), (8, 16))
