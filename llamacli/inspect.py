@@ -11,6 +11,7 @@ import math
 from pathlib import Path
 
 from llamacli import layout
+from llamacli.quantization import read_quantization
 from llamacli.config import load_config
 from llamacli.errors import UsageError
 
@@ -28,7 +29,7 @@ def inspect_checkpoint(folder: str | Path, dtype: str = "auto") -> dict:
     folder = Path(folder)
     config = load_config(folder)
     files = layout.weight_files(folder)
-    quant = layout.read_quantization(folder)
+    quant = read_quantization(folder)
     used = layout.check_tensors(config, layout.read_tensors(folder, files), folder, quant)
     # Bounded: the check above found every layer stored. Parameters count the float matrices a quantized
     # tensor stands for (its `.weight` keeps the float name), not its bytes or its scales.

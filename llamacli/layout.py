@@ -20,6 +20,7 @@ from typing import Iterable, NamedTuple
 
 from llamacli.config import LlamaConfig
 from llamacli.errors import WeightsError
+from llamacli.quantization import Quantization, matrix_bits, read_quantization
 
 INDEX_NAME = "model.safetensors.index.json"
 PICKLE_PATTERNS = ("*.bin", "*.pth", "*.pt", "*.ckpt")
@@ -82,7 +83,7 @@ class Expected(NamedTuple):
 
     shape: tuple[int, ...]
     kind: str  # one of KINDS
-    dtype: str | None = None  # the safetensors dtype it must have (quantized tensors); None: any floating type
+    dtype: tuple[str, ...] | None = None  # the safetensors dtypes it may have (quantized tensors); None: any float
 
 
 def _layer_tensors(c: LlamaConfig, i: int) -> dict[str, Expected]:
@@ -124,63 +125,16 @@ def expected_tensors(config: LlamaConfig, layers: Iterable[int] | None = None,
 # ---------------------------------------------------------------------------------------------
 # Quantized checkpoints (the tensors llamacli.quant writes and reads)
 
-QUANT_METHOD = "llamacli"
 # Per matrix X: int8 -> X.weight I8 (out, in), X.scales F32 (out,), w = q * scale (symmetric per row);
 # int4 -> X.weight U8 (out, in / 2) two values in [0, 15] per byte, the even column in the low nibble,
-# X.scales and X.biases BF16 (out, in / group), w = q * scale + bias (mlx-lm's names and affine form).
-# The embedding table and the lm_head are int8 in both (the tied table is stored once).
-QUANT_LAYOUT = "int8-rows-symmetric / int4-groups-affine-u8-low-nibble-first"
-QUANT_BITS = (8, 4)
-QUANT_GROUP_SIZES = (32, 64, 128)
-
-
-@dataclass(frozen=True)
-class Quantization:
-    """How a checkpoint's matrices are quantized: 8 (per row) or 4 bits (per group of `group_size` columns)."""
-
-    bits: int
-    group_size: int | None = None  # int4 only
-
-    def config_entry(self) -> dict:
-        """The `quantization_config` of config.json for this quantization."""
-        return {"quant_method": QUANT_METHOD, "layout": QUANT_LAYOUT, "bits": self.bits,
-                "group_size": self.group_size, "embedding_bits": 8, "lm_head_bits": 8}
-
-    def describe(self) -> str:
-        """'int8 per row' or 'int4 groups of 32'."""
-        return "int8 per row" if self.bits == 8 else f"int4 groups of {self.group_size}"
-
-
-def read_quantization(folder: Path) -> Quantization | None:
-    """The quantization config.json declares (None for a float checkpoint); WeightsError for one we cannot read."""
-    path = Path(folder) / "config.json"
-    try:
-        raw = json.loads(path.read_text(encoding="utf-8")).get("quantization_config")
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError):
-        return None  # config.py reports an unreadable config.json
-    if raw is None:
-        return None
-    if not isinstance(raw, dict) or raw.get("quant_method") != QUANT_METHOD:
-        method = raw.get("quant_method") if isinstance(raw, dict) else raw
-        raise WeightsError(f"{path}: quantization_config.quant_method {method!r} is not supported "
-                           f"(llamacli reads its own '{QUANT_METHOD}' checkpoints; load the float one)")
-    bits, group = raw.get("bits"), raw.get("group_size")
-    if bits not in QUANT_BITS:
-        raise WeightsError(f"{path}: quantization_config.bits is {bits!r}, expected 8 or 4")
-    if bits == 4 and group not in QUANT_GROUP_SIZES:
-        raise WeightsError(f"{path}: quantization_config.group_size is {group!r}, expected one of "
-                           f"{', '.join(map(str, QUANT_GROUP_SIZES))}")
-    return Quantization(bits, group if bits == 4 else None)
+# X.scales and X.biases (out, in / group) in BF16 (llamacli quantize), F16 or F32 (exact GGUF scales),
+# w = q * scale + bias (mlx-lm's names and affine form). Which bits each matrix has: `quantization.matrix_bits`.
+INT4_SCALE_DTYPES = ("BF16", "F16", "F32")
 
 
 def is_quantized_matrix(name: str, expected: Expected) -> bool:
     """Whether a tensor of the float table is a matrix the quantized layout replaces (all 2-D weights)."""
     return name.endswith(".weight") and len(expected.shape) == 2
-
-
-def matrix_bits(name: str, quant: Quantization) -> int:
-    """The bits a matrix is stored in: the embedding and lm_head are int8 whatever `quant.bits`."""
-    return 8 if name in ("model.embed_tokens.weight", "lm_head.weight") else quant.bits
 
 
 def quantized_table(table: dict[str, Expected], quant: Quantization) -> dict[str, Expected]:
@@ -192,15 +146,15 @@ def quantized_table(table: dict[str, Expected], quant: Quantization) -> dict[str
             continue
         prefix, (rows, cols) = name.removesuffix(".weight"), e.shape
         if matrix_bits(name, quant) == 8:
-            out[name] = Expected((rows, cols), e.kind, "I8")
-            out[f"{prefix}.scales"] = Expected((rows,), e.kind, "F32")
+            out[name] = Expected((rows, cols), e.kind, ("I8",))
+            out[f"{prefix}.scales"] = Expected((rows,), e.kind, ("F32",))
             continue
         g = quant.group_size
         if cols % g:
             raise WeightsError(f"tensor '{name}' has {cols} input columns, which group size {g} does not divide")
-        out[name] = Expected((rows, cols // 2), e.kind, "U8")
-        out[f"{prefix}.scales"] = Expected((rows, cols // g), e.kind, "BF16")
-        out[f"{prefix}.biases"] = Expected((rows, cols // g), e.kind, "BF16")
+        out[name] = Expected((rows, cols // 2), e.kind, ("U8",))
+        out[f"{prefix}.scales"] = Expected((rows, cols // g), e.kind, INT4_SCALE_DTYPES)
+        out[f"{prefix}.biases"] = Expected((rows, cols // g), e.kind, INT4_SCALE_DTYPES)
     return out
 
 
@@ -382,8 +336,8 @@ def check_tensors(config: LlamaConfig, tensors: dict[str, TensorInfo], folder: P
     have = {n: t for n, t in tensors.items() if not n.endswith(IGNORED_SUFFIXES)}
     head = not config.tie_embeddings and "lm_head.weight" in have
     if not head:
-        have.pop("lm_head.weight", None)
-        have.pop("lm_head.scales", None)
+        for suffix in ("weight", "scales", "biases"):
+            have.pop(f"lm_head.{suffix}", None)
 
     stored = {int(m.group(1)) for n in have if (m := _LAYER_INDEX.match(n))}
     layers = sorted(i for i in stored if i < config.n_layers)
@@ -406,8 +360,9 @@ def check_tensors(config: LlamaConfig, tensors: dict[str, TensorInfo], folder: P
         t = have[name]
         if t.shape != shape:
             raise WeightsError(f"{t.file}: tensor '{name}' has shape {list(t.shape)}, expected {list(shape)}")
-        if dtype is not None and t.dtype != dtype:
-            raise WeightsError(f"{t.file}: tensor '{name}' is stored as {t.dtype}, the quantized layout has {dtype}")
+        if dtype is not None and t.dtype not in dtype:
+            raise WeightsError(f"{t.file}: tensor '{name}' is stored as {t.dtype}, the quantized layout has "
+                               f"{' or '.join(dtype)}")
         if dtype is None and not SAFETENSORS_DTYPES[t.dtype].floating:
             raise WeightsError(f"{t.file}: tensor '{name}' is stored as {SAFETENSORS_DTYPES[t.dtype].name}, "
                                "not a floating-point type")

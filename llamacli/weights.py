@@ -12,12 +12,13 @@ files (pread of its rows, no memory map); its runtime then all-reduces after o a
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
 
-from llamacli import layout
+from llamacli import layout, quantization
 from llamacli.config import LlamaConfig, load_config
 from llamacli.errors import UsageError, WeightsError
 from llamacli.model import Llama, Runtime
@@ -88,7 +89,7 @@ def load_model(folder: str | Path, dtype: str = "auto", device: str = "auto", co
     dev = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, dev, config)
     # Headers against the config first: a config claiming 10**6 layers must not build 10**6 modules.
-    stored = layout.read_quantization(folder)
+    stored = quantization.read_quantization(folder)
     used = layout.check_tensors(config, layout.read_tensors(folder), folder, stored)
     if shard is not None and not runtime:
         raise ValueError("a tensor-parallel shard runs on the runtime only (runtime=True)")
@@ -139,7 +140,7 @@ def _sharded(rt: Runtime, shard: ShardPlan) -> Runtime:
     return rt
 
 
-def check_quantize(quantize: str | None, group_size: int | None) -> layout.Quantization | None:
+def check_quantize(quantize: str | None, group_size: int | None) -> quantization.Quantization | None:
     """The quantization --quantize / --group-size ask for (None: none); UsageError for a bad value or mix."""
     if quantize is None:
         if group_size is not None:
@@ -151,17 +152,17 @@ def check_quantize(quantize: str | None, group_size: int | None) -> layout.Quant
     if bits == 8:
         if group_size is not None:
             raise UsageError("--group-size applies to --quantize int4 only (int8 is per row)")
-        return layout.Quantization(8)
+        return quantization.Quantization(8)
     group = 32 if group_size is None else group_size
-    if group not in layout.QUANT_GROUP_SIZES:
+    if group not in quantization.QUANT_GROUP_SIZES:
         raise UsageError(f"--group-size {group} is not supported (choose "
-                         f"{', '.join(map(str, layout.QUANT_GROUP_SIZES))})")
-    return layout.Quantization(4, group)
+                         f"{', '.join(map(str, quantization.QUANT_GROUP_SIZES))})")
+    return quantization.Quantization(4, group)
 
 
-def _quantization(folder: Path, quantize: str | None, group_size: int | None) -> layout.Quantization | None:
+def _quantization(folder: Path, quantize: str | None, group_size: int | None) -> quantization.Quantization | None:
     """The quantization a load ends up in: the checkpoint's own, or --quantize's (UsageError for a bad mix)."""
-    asked, stored = check_quantize(quantize, group_size), layout.read_quantization(folder)
+    asked, stored = check_quantize(quantize, group_size), quantization.read_quantization(folder)
     if asked is not None and stored is not None:
         raise UsageError(f"{folder} is already quantized ({stored.describe()}); load it without --quantize")
     return asked or stored
@@ -211,18 +212,18 @@ def _malloc_trim() -> None:
 
 
 @torch.no_grad()
-def load_quantized(config: LlamaConfig, used: dict[str, layout.TensorInfo], quant: layout.Quantization,
+def load_quantized(config: LlamaConfig, used: dict[str, layout.TensorInfo], quant: quantization.Quantization,
                    stored: bool, dev: torch.device, dtype: torch.dtype) -> Runtime:
     """Build a Runtime with quantized matrices, one layer at a time: from a quantized checkpoint's tensors
     (`stored`) or by quantizing a float checkpoint's; memory peaks at the quantized model plus one float layer."""
     from llamacli.model.runtime import RuntimeLayer
     from llamacli.quant import QuantizedTensor, build_quantized, quantize_matrix
-    from llamacli.quant.quantize import concat
+    from llamacli.quant.quantize import concat, dequantize_rows
 
     reader = _Reader(used)
 
     def matrix(name: str) -> QuantizedTensor:
-        bits, prefix = layout.matrix_bits(name, quant), name.removesuffix(".weight")
+        bits, prefix = quantization.matrix_bits(name, quant), name.removesuffix(".weight")
         group = quant.group_size if bits == 4 else None
         if stored:
             t = QuantizedTensor(bits, reader.get(name), reader.get(f"{prefix}.scales"),
@@ -254,11 +255,11 @@ def load_quantized(config: LlamaConfig, used: dict[str, layout.TensorInfo], quan
             vector(f"{p}.post_attention_layernorm.weight"),
             linear(m, ["gate_proj", "up_proj"], config.mlp_bias), linear(m, ["down_proj"], config.mlp_bias)))
         reader.release()
-    table = build_quantized([matrix("model.embed_tokens.weight")])
-    head = table if "lm_head.weight" not in used else build_quantized([matrix("lm_head.weight")])
+    table = matrix("model.embed_tokens.weight")  # looked up by rows; a tied one is also the lm_head
+    head = build_quantized([table if "lm_head.weight" not in used else matrix("lm_head.weight")])
     norm = vector("model.norm.weight")
     reader.release()
-    return Runtime(config, layers, norm, None, head, lookup=table.rows)
+    return Runtime(config, layers, norm, None, head, lookup=functools.partial(dequantize_rows, table))
 
 
 def _assign(model: torch.nn.Module, name: str, param: torch.nn.Parameter) -> None:

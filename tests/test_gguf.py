@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +20,8 @@ from gguf import quants
 from safetensors.torch import load_file
 
 from llamacli.errors import ConfigError, InputError, LlamaCliError, TokenizerError, UsageError, WeightsError
-from llamacli.gguf import _llama3_factors, cached_conversion, convert_gguf, unpermute_rope_rows
+from llamacli.gguf import cached_conversion, convert_gguf, unpermute_rope_rows
+from llamacli.gguf_config import _llama3_factors
 
 TEXTS = [
     "Hello world",
@@ -42,17 +44,23 @@ def llama_cpp_permute(weight: np.ndarray, n_heads: int) -> np.ndarray:
 
 
 def random_k_quant(shape: tuple[int, int], qtype: Q, seed: int = 0) -> np.ndarray:
-    """Random K-quant bytes with sane f16 scales (gguf can dequantize K-quants but not quantize them)."""
+    """Random K-quant bytes with sane f16 scales (gguf can dequantize K-quants but not quantize them): weights
+    within about +-1, like a model's."""
     block, size = quants.GGML_QUANT_SIZES[qtype]
     rows, cols = shape
     rng = np.random.default_rng(seed)
     data = rng.integers(0, 256, size=(rows, cols // block, size), dtype=np.uint8)
-    scale = np.frombuffer(np.float16(0.01).tobytes(), dtype=np.uint8)
-    if qtype == Q.Q6_K:  # ... ql[128] qh[64] scales[16] d
-        data[..., -2:] = scale
-    elif qtype == Q.Q4_K:  # d dmin scales[12] qs[128]
-        data[..., 0:2] = scale
-        data[..., 2:4] = scale
+
+    def f16(value: float) -> np.ndarray:
+        return np.frombuffer(np.float16(value).tobytes(), dtype=np.uint8)
+
+    if qtype == Q.Q6_K:  # ql[128] qh[64] scales[16] d: w = d * scale * (q - 32)
+        magnitude = rng.integers(64, 128, size=(rows, cols // block, 16))  # sub-blocks alike, as in a model
+        data[..., -18:-2] = (magnitude * rng.choice([-1, 1], size=magnitude.shape)).astype(np.int8).view(np.uint8)
+        data[..., -2:] = f16(2e-4)
+    elif qtype == Q.Q4_K:  # d dmin scales[12] qs[128]: w = d * sc * q - dmin * m, about centred
+        data[..., 0:2] = f16(1e-3)
+        data[..., 2:4] = f16(7.5e-3)
     else:
         raise ValueError(qtype)
     return data.reshape(rows, -1)
@@ -129,7 +137,7 @@ def export_gguf(path: Path, model, vocab: dict, *, qtypes: dict[str, Q] | None =
             writer.add_tensor(gguf_name(name), stored.astype(np.float16))
             expected[name] = weight.astype(np.float16).astype(np.float32)
         elif qtype in (Q.Q4_K, Q.Q6_K):  # random bytes in place of the weights
-            data = random_k_quant(weight.shape, qtype)
+            data = random_k_quant(weight.shape, qtype, seed=zlib.crc32(name.encode()))
             writer.add_tensor(gguf_name(name), data, raw_dtype=qtype)
             values = quants.dequantize(data, qtype).reshape(weight.shape)
             if name.endswith("q_proj.weight"):
@@ -578,7 +586,7 @@ def _rewrite_with(src: Path, dst: Path, name: str, change, raw_dtype=None) -> No
         if tensor.name == name:
             writer.add_tensor(tensor.name, change(data), raw_dtype=raw_dtype)
         else:
-            writer.add_tensor(tensor.name, data)
+            writer.add_tensor(tensor.name, data, raw_dtype=tensor.tensor_type)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
@@ -611,12 +619,14 @@ def test_unknown_tokenizer_model_is_named(spm_model_bytes, tmp_path):
         convert_gguf(tmp_path / "t.gguf", tmp_path / "out")
 
 
-def test_cached_conversion_converts_once_and_keys_on_file_and_dtype(tiny_llama_gguf, tmp_path, monkeypatch):
+def test_cached_conversion_converts_once_and_keys_on_file_and_dtype(spm_model_bytes, tmp_path, monkeypatch):
+    """A float GGUF is cached per dtype (a quantized one is cached once, whatever the dtype: test_gguf_quant)."""
     import llamacli.gguf as gguf_module
 
-    path, _, _ = tiny_llama_gguf
+    vocab = spm_vocab(spm_model_bytes)
     src = tmp_path / "copy.gguf"
-    src.write_bytes(path.read_bytes())
+    export_gguf(src, tiny_hf_model(len(vocab["tokens"]), num_hidden_layers=1), vocab,
+                qtypes={"model.embed_tokens.weight": Q.F16, "model.layers.0.mlp.up_proj.weight": Q.BF16})
     monkeypatch.setenv("LLAMACLI_CACHE", str(tmp_path / "cache"))
     first = cached_conversion(src)
     assert first.parent == tmp_path / "cache" / "gguf"

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from llamacli import layout
+from llamacli import quantization
 from llamacli.errors import UsageError, WeightsError
 from llamacli.quant import build_quantized, quantize_matrix
 from llamacli.quant.checkpoint import write_quantized
@@ -85,7 +85,7 @@ def test_fused_parts_equal_the_quantized_fused_matrix():
         assert torch.equal(fused.dequantize(), dequantize(whole))
 
 
-def _dequantized_checkpoint(src: Path, dst: Path, quant: layout.Quantization) -> Path:
+def _dequantized_checkpoint(src: Path, dst: Path, quant: quantization.Quantization) -> Path:
     """A float32 copy of `src` whose matrices are replaced by their quantized-then-dequantized values."""
     from safetensors.torch import load_file, save_file
 
@@ -97,7 +97,7 @@ def _dequantized_checkpoint(src: Path, dst: Path, quant: layout.Quantization) ->
     out = {}
     for name, t in tensors.items():
         if t.dim() == 2:
-            out[name] = dequantize(quantize_matrix(t, layout.matrix_bits(name, quant), quant.group_size, name))
+            out[name] = dequantize(quantize_matrix(t, quantization.matrix_bits(name, quant), quant.group_size, name))
         else:
             out[name] = t.float()
     save_file(out, str(dst / "model.safetensors"), metadata={"format": "pt"})
@@ -125,7 +125,7 @@ def _steps(model, n: int = 4) -> list[torch.Tensor]:
 @pytest.mark.parametrize("quant", sorted(QUANTS))
 def test_quantized_model_equals_the_float_model_of_its_dequantized_weights(checkpoint, quant, tmp_path):
     opts = QUANTS[quant]
-    q = layout.Quantization(8) if opts["quantize"] == "int8" else layout.Quantization(4, opts.get("group_size", 32))
+    q = quantization.Quantization(8) if opts["quantize"] == "int8" else quantization.Quantization(4, opts.get("group_size", 32))
     reference = load_model(_dequantized_checkpoint(checkpoint, tmp_path / "deq", q), dtype="float32", device="cpu",
                            pack=False)
     model = load_model(checkpoint, dtype="float32", device="cpu", **opts)
@@ -140,7 +140,7 @@ def test_quantized_model_equals_the_float_model_of_its_dequantized_weights(check
 def test_quantize_save_load_round_trips_bit_exactly(tiny_checkpoint, tmp_path, bits, group, monkeypatch):
     monkeypatch.setattr("llamacli.weights.BLOCK_ROWS", 50)  # quantizing at load reads 128-row tables in 3 blocks
     src = tiny_checkpoint(hidden_size=128, intermediate_size=256, tie_word_embeddings=bits == 4)
-    quant = layout.Quantization(bits, group)
+    quant = quantization.Quantization(bits, group)
     out = write_quantized(src, tmp_path / "q", quant)
     assert json.loads((out / "config.json").read_text())["quantization_config"]["bits"] == bits
     loaded = load_model(out, dtype="float32", device="cpu")  # no flag: the checkpoint says it
@@ -177,7 +177,7 @@ def _rewrite_quantized(folder: Path, change) -> None:
 def test_a_broken_quantized_checkpoint_names_the_tensor(tiny_checkpoint, tmp_path, change, message):
     from llamacli.inspect import inspect_checkpoint
 
-    out = write_quantized(tiny_checkpoint(), tmp_path / "q", layout.Quantization(4, 32))
+    out = write_quantized(tiny_checkpoint(), tmp_path / "q", quantization.Quantization(4, 32))
     _rewrite_quantized(out, change)
     for load in (lambda: load_model(out, device="cpu"), lambda: inspect_checkpoint(out)):
         with pytest.raises(WeightsError, match=message.replace("[", r"\[").replace("]", r"\]")):
@@ -193,7 +193,7 @@ def test_bad_quantize_requests(tiny_checkpoint, tmp_path):
         load_model(src, device="cpu", quantize="int4", group_size=48)
     with pytest.raises(UsageError, match="--group-size applies to --quantize int4 only"):
         load_model(src, device="cpu", quantize="int8", group_size=32)
-    q = write_quantized(tiny_checkpoint(), tmp_path / "q", layout.Quantization(8))
+    q = write_quantized(tiny_checkpoint(), tmp_path / "q", quantization.Quantization(8))
     with pytest.raises(UsageError, match=r"already quantized \(int8 per row\); load it without --quantize"):
         load_model(q, device="cpu", quantize="int4")
 

@@ -288,6 +288,10 @@ def load_engine(model: str, revision: Optional[str], dtype: Dtype, device: Devic
 
     quant = quantize.value if quantize else None
     check_quantize(quant, group_size)  # before a download or a conversion
+    if quant is not None:
+        from llamacli.gguf import refuse_quantized
+
+        refuse_quantized(model, "drop --quantize")
     start_distributed(device)
     t0 = time.perf_counter()
     folder = resolve(model, revision, dtype)

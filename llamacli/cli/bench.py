@@ -42,6 +42,10 @@ def bench(
         batches = parse_int_list(batch_size, "--batch-size")
         dtypes = parse_dtypes(dtype)
         quants = parse_quantize(quantize, group_size)
+        if any(quants):
+            from llamacli.gguf import refuse_quantized
+
+            refuse_quantized(model, "bench it with -q none")
         start_distributed(device)
         folder = resolve(model, revision, Dtype(dtypes[0]))
         shard = None

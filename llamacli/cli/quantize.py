@@ -26,12 +26,14 @@ def quantize(
 ) -> None:
     """Write a quantized checkpoint (int8 or int4 weights + scales) that every command loads without a flag."""
     with errors():
+        from llamacli.gguf import refuse_quantized
         from llamacli.quant.checkpoint import check_quantizable, write_quantized
         from llamacli.weights import check_quantize
 
         if bits not in (8, 4):
             raise UsageError(f"--bits must be 8 or 4, got {bits}")
         quant = check_quantize("int8" if bits == 8 else "int4", group_size)
+        refuse_quantized(src, "quantize its float checkpoint instead")
         folder = resolve(src, revision, Dtype.auto)
         check_quantizable(folder, quant)  # before the progress bar: an error stays one line
         with progress_bar("quantizing", show_item=True) as update:

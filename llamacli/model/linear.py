@@ -10,6 +10,7 @@ store weights (int8, int4, a tensor-parallel shard) is a new class here, never a
   (x @ W rather than x @ W.T) and as fast for many rows.
 - `Packed`: reordered once into oneDNN's blocked layout (fp32, and bf16 where the CPU has native bf16).
 
+`Concatenated` holds parts that share their input but no format (a GGUF's int8 v beside its int4 q and k).
 Tensor parallelism wraps a rank's shard (any of the formats above) in `AllReduced` (o and down: the ranks'
 partial sums added) or `Gathered` (the lm_head: the ranks' vocabulary columns concatenated).
 """
@@ -125,6 +126,23 @@ def build_linear(weights: list[torch.Tensor], biases: list[torch.Tensor | None] 
     if biases is not None and biases[0] is not None:
         bias = torch.cat([b.detach() for b in biases], 0)  # (sum of out,)
     return format_for(w.dtype, w.device, pack)(w, bias)
+
+
+class Concatenated(LinearFormat):
+    """Formats that share their input and cannot fuse into one (int8 beside int4 parts): their products side by
+    side, concatenated along out in order."""
+
+    def __init__(self, parts: list[LinearFormat]):
+        self.parts = parts
+        self.in_features, self.out_features = parts[0].in_features, sum(p.out_features for p in parts)
+        self.dtype, self.nbytes = parts[0].dtype, sum(p.nbytes for p in parts)
+
+    def mm(self, x: torch.Tensor) -> torch.Tensor:
+        """x (N, in) -> (N, sum of the parts' out)."""
+        return torch.cat([p.mm(x) for p in self.parts], -1)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({', '.join(map(repr, self.parts))})"
 
 
 class AllReduced(LinearFormat):

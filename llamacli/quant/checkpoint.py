@@ -1,7 +1,7 @@
 """Write a quantized safetensors checkpoint from a float one (`llamacli quantize`).
 
 The folder holds the source's files (tokenizer, templates, generation config) with config.json gaining a
-`quantization_config` (`layout.Quantization.config_entry`), and one `model.safetensors` in the layout of
+`quantization_config` (`quantization.Quantization.config_entry`), and one `model.safetensors` in the layout of
 `llamacli.quant.quantize`: it loads again with no flag and no re-quantizing. Tensors are read one at a time
 (the quantized model is held, never the float one) and the folder appears complete or not at all.
 """
@@ -15,7 +15,7 @@ from typing import Callable
 
 import torch
 
-from llamacli import files, layout
+from llamacli import files, layout, quantization
 from llamacli.config import load_config
 from llamacli.errors import UsageError, WeightsError
 from llamacli.quant.quantize import quantize_matrix
@@ -23,11 +23,11 @@ from llamacli.quant.quantize import quantize_matrix
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pth", ".pt", ".ckpt")
 
 
-def check_quantizable(folder: Path, quant: layout.Quantization) -> tuple[dict, dict]:
+def check_quantizable(folder: Path, quant: quantization.Quantization) -> tuple[dict, dict]:
     """(the checked tensors, the float table) of a float checkpoint that `quant` applies to; from the headers
     only, so a quantized source or a group size that does not divide a matrix fails before any work."""
     config = load_config(folder)
-    if layout.read_quantization(folder) is not None:
+    if quantization.read_quantization(folder) is not None:
         raise UsageError(f"{folder} is already quantized; quantize its float checkpoint instead")
     used = layout.checkpoint_tensors(config, folder)
     float_table = layout.expected_tensors(config, lm_head="lm_head.weight" in used)
@@ -35,7 +35,7 @@ def check_quantizable(folder: Path, quant: layout.Quantization) -> tuple[dict, d
     return used, float_table
 
 
-def quantize_tensors(folder: Path, quant: layout.Quantization,
+def quantize_tensors(folder: Path, quant: quantization.Quantization,
                      progress: Callable[[int, int, str], None] | None = None) -> dict[str, torch.Tensor]:
     """Every tensor of a float checkpoint in the quantized layout (name -> tensor), read one at a time."""
     from safetensors import safe_open
@@ -51,7 +51,7 @@ def quantize_tensors(folder: Path, quant: layout.Quantization,
         except Exception as exc:
             raise WeightsError(f"{info.file}: tensor '{name}' is truncated or corrupt ({exc})") from None
         if layout.is_quantized_matrix(name, float_table[name]):
-            t = quantize_matrix(tensor, layout.matrix_bits(name, quant), quant.group_size, name)
+            t = quantize_matrix(tensor, quantization.matrix_bits(name, quant), quant.group_size, name)
             out |= t.tensors(name.removesuffix(".weight"))
         else:
             out[name] = tensor.clone()  # norms and biases as stored
@@ -60,7 +60,7 @@ def quantize_tensors(folder: Path, quant: layout.Quantization,
     return out
 
 
-def write_quantized(src: Path, out_dir: Path, quant: layout.Quantization, overwrite: bool = False,
+def write_quantized(src: Path, out_dir: Path, quant: quantization.Quantization, overwrite: bool = False,
                     progress: Callable[[int, int, str], None] | None = None) -> Path:
     """Quantize the float checkpoint `src` into the new folder `out_dir`; returns it."""
     from safetensors.torch import save_file

@@ -24,7 +24,7 @@ import functools
 
 import torch
 
-from llamacli.model.linear import LinearFormat
+from llamacli.model.linear import Concatenated, LinearFormat
 from llamacli.quant.quantize import QuantizedTensor, concat, dequantize, dequantize_int4, unpack_int4
 
 KERNEL_DTYPE = torch.bfloat16
@@ -122,7 +122,7 @@ class _Quantized(LinearFormat):
 
 
 class Int8Rows(_Quantized):
-    """Symmetric per-row int8 weights; `rows(ids)` dequantizes table rows (a quantized embedding lookup)."""
+    """Symmetric per-row int8 weights."""
 
     def __init__(self, t: QuantizedTensor, bias: torch.Tensor | None = None):
         super().__init__(t, bias)
@@ -131,11 +131,6 @@ class Int8Rows(_Quantized):
 
     def _kernel(self, x: torch.Tensor) -> torch.Tensor:
         return torch.ops.aten._weight_int8pack_mm(x, *self._kernel_args)
-
-    def rows(self, ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        """Rows `ids` (n,) of the matrix, dequantized to (n, in) in `dtype`."""
-        t = self.stored
-        return (t.q[ids].float() * t.scales[ids].float()[:, None]).to(dtype)
 
 
 class Int4Groups(_Quantized):
@@ -168,9 +163,11 @@ class Int4Groups(_Quantized):
 
 
 def build_quantized(parts: list[QuantizedTensor], biases: list[torch.Tensor | None] | None = None) -> LinearFormat:
-    """One quantized format for matrices that share their input, fused along out (like `build_linear`)."""
+    """One quantized format for matrices that share their input, fused along out (like `build_linear`); parts
+    in different bits or groups (a GGUF's int8 v beside int4 q and k) stay apart, side by side (`Concatenated`)."""
+    biases = biases or [None] * len(parts)
+    if len({(p.bits, p.group_size) for p in parts}) > 1:
+        return Concatenated([build_quantized([p], [b]) for p, b in zip(parts, biases)])
     t = concat(parts)
-    bias = None
-    if biases is not None and biases[0] is not None:
-        bias = torch.cat([b.detach() for b in biases], 0)
+    bias = None if biases[0] is None else torch.cat([b.detach() for b in biases], 0)
     return (Int8Rows if t.bits == 8 else Int4Groups)(t, bias)

@@ -1,11 +1,12 @@
 """Quantize a float matrix into the stored layout of a quantized checkpoint, and dequantize it back.
 
-The layout (`layout.QUANT_LAYOUT`) is the one a quantized safetensors checkpoint holds, per matrix `X`:
+The layout (`quantization.QUANT_LAYOUT`) is the one a quantized safetensors checkpoint holds, per matrix `X`:
 
 - int8: `X.weight` int8 (out, in), symmetric per row; `X.scales` float32 (out,); w = q * scale.
 - int4: `X.weight` uint8 (out, in / 2), two values in [0, 15] per byte, the even column in the low nibble;
-  `X.scales` and `X.biases` bfloat16 (out, in / group); w = q * scale + bias (mlx-lm's and GGUF Q4_1's affine
-  form, with mlx-lm's tensor names). Raw values, not torch's CPU-packed layout, which depends on the machine.
+  `X.scales` and `X.biases` (out, in / group), bfloat16 as quantized here (float16 or float32 as mapped from a
+  GGUF); w = q * scale + bias (mlx-lm's and GGUF Q4_1's affine form, with mlx-lm's tensor names). Raw values,
+  not torch's CPU-packed layout, which depends on the machine.
 
 Matrices are quantized part by part (q, k, v separately, as stored); per-row and per-group schemes do not
 mix rows, so concatenating quantized parts equals quantizing the fused matrix.
@@ -123,6 +124,12 @@ def dequantize_int4(q: torch.Tensor, scales: torch.Tensor, biases: torch.Tensor,
     N, K = q.shape
     g = q.float().view(N, K // group_size, group_size)
     return (g * scales.float()[..., None] + biases.float()[..., None]).view(N, K).to(dtype)
+
+
+def dequantize_rows(t: QuantizedTensor, ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Rows `ids` (n,) of a stored matrix, dequantized to (n, in) in `dtype` (a quantized embedding lookup)."""
+    biases = None if t.biases is None else t.biases[ids]
+    return dequantize(t._replace(q=t.q[ids], scales=t.scales[ids], biases=biases), dtype)
 
 
 def concat(parts: list[QuantizedTensor]) -> QuantizedTensor:
