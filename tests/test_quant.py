@@ -258,3 +258,16 @@ def test_smollm2_int8_perplexity_within_half_a_percent_and_greedy_agrees(smollm2
     assert same["int8"] > len(prompts) // 2
     assert same["int4-g32"] >= 1  # int4 costs more; reported
     assert ppl["int4-g32"] / ppl["fp32"] - 1 < 0.05
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("quant", sorted(QUANTS))
+def test_quantized_model_on_cuda_equals_the_cpu_one(tiny_checkpoint, quant):
+    """On CUDA the formats dequantize into the activations' dtype and multiply (no int kernel is wired there)."""
+    path = tiny_checkpoint()
+    cpu = load_model(path, dtype="float32", device="cpu", **QUANTS[quant])
+    gpu = load_model(path, dtype="float32", device="cuda", **QUANTS[quant])
+    ids = torch.tensor([PROMPT])
+    want = cpu(ids)  # more than KERNEL_ROWS_MAX rows: dequantize + fp32 BLAS on the CPU too
+    torch.testing.assert_close(gpu(ids.cuda()).cpu(), want, rtol=1e-3, atol=1e-3 * want.abs().max().item())
