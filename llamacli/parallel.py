@@ -7,7 +7,9 @@ are split across ranks with their query heads (whole GQA groups; when the ranks 
 ranks take one more, so SmolLM2's 3 KV heads go 2 + 1 over 2 ranks), or, with fewer KV heads than ranks, each
 rank holds the one KV head its query heads use (replicated on world / n_kv_heads ranks). The embedding table and lm_head are split by vocabulary: on SmolLM2
 the tied table is 21% of the weights, so replicating it would leave each of 2 ranks 61% of the model; split,
-the lookup costs one all-reduce of (tokens, dim) and the head one all-gather of the logits.
+the lookup costs one all-reduce of (tokens, dim) and the head one all-gather of the logits. Quantized weights
+follow the same plan (`stored_slice`: a quantized checkpoint's tensors in their own units; `check_groups`: int4
+groups must not straddle two ranks).
 """
 
 from __future__ import annotations

@@ -215,6 +215,12 @@ def test_torchrun_tensor_parallel_generate_prints_once_and_matches(tiny_chat_dir
     lines = tp.stdout.strip().splitlines()
     assert len(lines) == 1, tp.stdout  # rank 0 only
     assert json.loads(lines[0])["token_ids"] == json.loads(one.stdout)["token_ids"]
+    # The int4 self-draft is sharded as the model is (shard, then quantize): greedy output unchanged.
+    spec = _torchrun(*args, "--tensor-parallel", "--draft-quantize", "int4")
+    assert spec.returncode == 0, spec.stderr
+    out = json.loads(spec.stdout)
+    assert out["token_ids"] == json.loads(one.stdout)["token_ids"]
+    assert out["stats"]["draft"] == "self-int4" and out["stats"]["accepted_tokens"] > 0
 
 
 def test_torchrun_tensor_parallel_int4_generate_matches_one_process_int4(tiny_chat_dir):
