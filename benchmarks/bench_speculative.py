@@ -4,10 +4,12 @@ input-grounded workload (rewrite a ~400-token passage given in the prompt) and a
 
 SmolLM2-135M has no smaller sibling with its tokenizer, so `--draft-model` is measured with a draft built here:
 the checkpoint's first N layers (and its embeddings, final norm and head) written to a temp folder, a
-same-tokenizer model of about N/30 of the per-token cost. Last, the measured per-forward costs: a 1-token step
-against a (k+1)-token verify forward at the same position, which bound what any draft can win.
+same-tokenizer model of about N/30 of the per-token cost. `--draft-quantize int4` is measured as the CLI runs
+it: an int4 copy (group 32) of the same checkpoint, quantized as it loads. Last, the measured per-forward costs:
+a 1-token step against a (k+1)-token verify forward at the same position, which bound what any draft can win.
 
-    python benchmarks/bench_speculative.py [--threads 2] [--new 128] [--layers 6]
+    python benchmarks/bench_speculative.py [--threads 2] [--new 128] [--layers 6] [--ks 2,4,8]
+        [--kinds lookup,layers,int4]  (a smoke run: --new 16 --ks 2 --kinds int4)
 """
 
 from __future__ import annotations
@@ -108,17 +110,26 @@ def main() -> None:
     ap.add_argument("--new", type=int, default=128)
     ap.add_argument("--layers", type=int, default=6, help="layers kept in the truncated draft")
     ap.add_argument("--ks", default="2,4,8")
+    ap.add_argument("--kinds", default="lookup,layers,int4", help="draft kinds: lookup, layers, int4")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    from llamacli.weights import load_model
     from tests.smollm2 import smollm2_checkpoint
 
     folder = smollm2_checkpoint()
     engine = Engine.load(folder, dtype="float32", device="cpu")
     tmp = Path(tempfile.mkdtemp())
-    draft_engine = Engine.load(truncated_checkpoint(folder, tmp, args.layers), dtype="float32", device="cpu")
+    wanted = set(args.kinds.split(","))
+    engines = {}
+    if "layers" in wanted:
+        engines[f"first {args.layers} layers"] = Engine.load(truncated_checkpoint(folder, tmp, args.layers),
+                                                             dtype="float32", device="cpu")
+    if "int4" in wanted:  # what --draft-quantize int4 loads: the same checkpoint, quantized layer by layer
+        engines["int4 self-draft"] = Engine(load_model(folder, dtype="float32", device="cpu", quantize="int4"),
+                                            engine.tokenizer)
     ks = [int(k) for k in args.ks.split(",")]
-    kinds = [("prompt-lookup 3", lambda: PromptLookup(3)),
-             (f"draft first-{args.layers}-layers", lambda: DraftModel(draft_engine))]
+    kinds = ([("prompt-lookup 3", lambda: PromptLookup(3))] if "lookup" in wanted else []) + [
+        (f"draft {name}", lambda e=e: DraftModel(e, name=name)) for name, e in engines.items()]
     print(f"SmolLM2-135M fp32, {args.threads} threads, {args.new} new tokens, greedy")
     print("| workload | draft | K | adaptive | tok/s | vs plain | acceptance | mean accepted/round | same tokens |")
     print("|---|---|---|---|---|---|---|---|---|")
@@ -133,7 +144,7 @@ def main() -> None:
                 print(f"| {wname} | {kname} | {k} | {'yes' if adaptive else 'no'} | {r['tok_s']:.1f} | "
                       f"{r['tok_s'] / plain['tok_s']:.2f} | {r.get('rate', 0):.0%} | "
                       f"{r.get('mean_accepted', 0):.2f} | {r['tokens'] == plain['tokens']} |", flush=True)
-    for name, e in (("SmolLM2-135M", engine), (f"first {args.layers} layers", draft_engine)):
+    for name, e in [("SmolLM2-135M", engine)] + list(engines.items()):
         costs = forward_costs(e, 500)
         print(f"{name}: forward ms at position 500: " + ", ".join(f"T={t}: {ms:.1f}" for t, ms in costs.items()))
     shutil.rmtree(tmp, ignore_errors=True)

@@ -7,7 +7,9 @@ are split across ranks with their query heads (whole GQA groups; when the ranks 
 ranks take one more, so SmolLM2's 3 KV heads go 2 + 1 over 2 ranks), or, with fewer KV heads than ranks, each
 rank holds the one KV head its query heads use (replicated on world / n_kv_heads ranks). The embedding table and lm_head are split by vocabulary: on SmolLM2
 the tied table is 21% of the weights, so replicating it would leave each of 2 ranks 61% of the model; split,
-the lookup costs one all-reduce of (tokens, dim) and the head one all-gather of the logits.
+the lookup costs one all-reduce of (tokens, dim) and the head one all-gather of the logits. Quantized weights
+follow the same plan (`stored_slice`: a quantized checkpoint's tensors in their own units; `check_groups`: int4
+groups must not straddle two ranks).
 """
 
 from __future__ import annotations
@@ -19,7 +21,6 @@ from dataclasses import dataclass, replace
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
 from llamacli.config import LlamaConfig
 from llamacli.errors import LlamaCliError, UsageError
@@ -92,10 +93,10 @@ def _collective(what: str, fn, *args) -> None:
                                f"within {timeout_s():g} s, ${TIMEOUT_ENV}): {_first_line(exc)}") from None
 
 
-def all_reduce(x: torch.Tensor) -> torch.Tensor:
-    """Sum x over the ranks, in place; returns x."""
+def all_reduce(x: torch.Tensor, op: str = "sum") -> torch.Tensor:
+    """Sum x over the ranks (`op` "max": the elementwise maximum), in place; returns x."""
     if world_size() > 1:
-        _collective("an all-reduce", dist.all_reduce, x)
+        _collective("an all-reduce", dist.all_reduce, x, dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
     return x
 
 
@@ -239,35 +240,78 @@ class ShardPlan:
         """Whether `name` is a row-parallel bias that only rank 0 adds (the all-reduce would add it world times)."""
         return name.endswith(("o_proj.bias", "down_proj.bias"))
 
-    def read(self, info, dtype: torch.dtype) -> torch.Tensor:
-        """This rank's part of a checkpoint tensor (a `layout.TensorInfo` stored in `dtype`), read with pread:
-        only its rows' bytes for a row slice, so that no page of the file stays mapped into the process."""
-        rows, per_row = info.shape[0], math.prod(info.shape[1:])
-        size = torch.empty((), dtype=dtype).element_size()
+    def row_parallel(self, name: str) -> bool:
+        """Whether matrix `name` is split by its input columns (o and down: their products are summed)."""
+        where = self.slice_of(name)
+        return where is not None and where[0] == 1
+
+    def check_groups(self, group: int) -> None:
+        """UsageError unless int4 groups of `group` columns tile every rank's input columns of o and down (a
+        group must not straddle two ranks), with the numbers and the group sizes that would."""
+        from llamacli.quantization import QUANT_GROUP_SIZES
+
+        plans = [replace(self, rank=r) for r in range(self.world)]
+        widths = {"o_proj": sorted({p.heads * self.config.head_dim for p in plans}),
+                  "down_proj": [self.config.ffn_dim // self.world]}
+        bad = [f"{m}'s {'/'.join(map(str, w))} input columns per rank" for m, w in widths.items()
+               if any(n % group for n in w)]
+        if bad:
+            fits = [g for g in QUANT_GROUP_SIZES if all(n % g == 0 for w in widths.values() for n in w)]
+            hint = f"--group-size {' or '.join(map(str, fits))}" if fits else "another number of ranks"
+            raise UsageError(f"--tensor-parallel over {self.world} ranks with int4 group size {group}: "
+                             f"{' and '.join(bad)} are not a multiple of {group}; use {hint}")
+
+    def stored_slice(self, name: str, bits: int, group: int | None) -> tuple[int, int, int] | None:
+        """`slice_of` for a quantized checkpoint's tensor `name` (`X.weight`, `X.scales`, `X.biases` of a matrix
+        `X`), in its own units: rows as the float matrix's; columns halved for int4's packed weight, in groups
+        for its scales and biases, and int8's per-row scales whole (a row's scale is every column's)."""
+        prefix, kind = name.rsplit(".", 1)
+        where = self.slice_of(f"{prefix}.weight")
+        if where is None or where[0] == 0:
+            return where
+        if bits == 8:
+            return where if kind == "weight" else None
+        div = 2 if kind == "weight" else group
+        return 1, where[1] // div, where[2] // div
+
+    def read(self, info, dtype: torch.dtype, rows: tuple[int, int] | None = None) -> torch.Tensor:
+        """This rank's part of a checkpoint tensor (a `layout.TensorInfo` stored in `dtype`; `rows`: only those
+        rows of the part), as `slice_of` says; a row-parallel bias is zeros on ranks other than 0."""
         where = self.slice_of(info.name)
-        dim, start, stop = where if where is not None else (0, 0, rows)
-        first, last = (start, stop) if dim == 0 else (0, rows)
-        with open(info.file, "rb") as f:
-            data = bytearray(os.pread(f.fileno(), (last - first) * per_row * size, info.offset + first * per_row * size))
-        tensor = torch.frombuffer(data, dtype=dtype).view(last - first, *info.shape[1:])
-        if dim == 1:
-            tensor = tensor[:, start:stop].contiguous()
+        tensor = self.read_slice(info, dtype, where, rows)
         if where is None and self.rank != 0 and self.bias_once(info.name):
             tensor = torch.zeros_like(tensor)
         return tensor
 
+    @staticmethod
+    def read_slice(info, dtype: torch.dtype, where: tuple[int, int, int] | None,
+                   rows: tuple[int, int] | None = None) -> torch.Tensor:
+        """The slice (dim, start, stop) of a tensor (None: whole), rows [a, b) of it with `rows`, read with
+        pread: only its rows' bytes for a row slice, so that no page of the file stays mapped into the process."""
+        n_rows, per_row = info.shape[0], math.prod(info.shape[1:])
+        size = torch.empty((), dtype=dtype).element_size()
+        dim, start, stop = where if where is not None else (0, 0, n_rows)
+        first, last = (start, stop) if dim == 0 else (0, n_rows)
+        if rows is not None:
+            first, last = first + rows[0], min(last, first + rows[1])
+        with open(info.file, "rb") as f:
+            data = bytearray(os.pread(f.fileno(), (last - first) * per_row * size, info.offset + first * per_row * size))
+        tensor = torch.frombuffer(data, dtype=dtype).view(last - first, *info.shape[1:])
+        return tensor[:, start:stop].contiguous() if dim == 1 else tensor
+
 
 class VocabShardedEmbedding:
-    """The lookup of a table split by vocabulary: each rank looks up its own rows, zeros elsewhere, summed."""
+    """The lookup of a table split by vocabulary: each rank looks up its own `n_rows` rows (with `lookup`, ids,
+    dtype -> rows: a float table's or a quantized one's), zeros elsewhere, summed over the ranks."""
 
-    def __init__(self, weight: torch.Tensor, start: int):
-        self.weight, self.start = weight, start  # (stop - start, dim)
+    def __init__(self, lookup, n_rows: int, start: int):
+        self.lookup, self.n_rows, self.start = lookup, n_rows, start
 
     def __call__(self, tokens: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
-        """tokens (N,) -> (N, dim), the same on every rank (`dtype`: the Runtime's lookup signature; the table's)."""
+        """tokens (N,) -> (N, dim), the same on every rank (`dtype`: the Runtime's lookup signature)."""
         local = tokens - self.start
-        mine = (local >= 0) & (local < self.weight.shape[0])
-        x = F.embedding(local.clamp(0, self.weight.shape[0] - 1), self.weight)
+        mine = (local >= 0) & (local < self.n_rows)
+        x = self.lookup(local.clamp(0, self.n_rows - 1), dtype)
         x = x * mine.unsqueeze(-1).to(x.dtype)  # (N, dim)
         return all_reduce(x)
 

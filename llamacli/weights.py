@@ -8,6 +8,9 @@ parameters are assigned as they are read, in the requested dtype and device, so 
 With a tensor-parallel `shard` plan (llamacli.parallel), the headers are still checked against the whole
 config, the reference model is built with the rank's config, and only the rank's slices are read from the
 files (pread of its rows, no memory map); its runtime then all-reduces after o and down and gathers the lm_head's logits.
+Quantized weights shard the same way: a float checkpoint's slices are quantized per rank as they are read (int8
+rows of o / down take the whole row's max |w|, one all-reduce, so every rank's int8 matrix is its columns of the
+one-process int8 matrix), and a quantized checkpoint's tensors are sliced as stored (rows, or columns / groups).
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 
-from llamacli import layout, quantization
+from llamacli import layout, parallel, quantization
 from llamacli.config import LlamaConfig, load_config
 from llamacli.errors import UsageError, WeightsError
 from llamacli.model import Llama, Runtime
@@ -81,7 +84,7 @@ def load_model(folder: str | Path, dtype: str = "auto", device: str = "auto", co
     `quantize` ('int8' | 'int4', with `group_size` for int4, default 32) quantizes the matrices layer by layer
     as they are read; a quantized checkpoint loads in its own quantization with no flag. `dtype` is then the
     activations' (and norms') dtype. `shard` (a `parallel.ShardPlan`): read and run only this rank's slices
-    (needs the runtime; float weights only for now).
+    (needs the runtime; int4 needs groups that tile each rank's o / down columns: `ShardPlan.check_groups`).
     """
     folder = Path(folder)
     config = config or load_config(folder)
@@ -96,10 +99,9 @@ def load_model(folder: str | Path, dtype: str = "auto", device: str = "auto", co
     if quant is not None:
         if not runtime:
             raise UsageError("a quantized model runs in the runtime only (runtime=False needs float weights)")
-        if shard is not None:
-            raise UsageError("tensor parallelism runs float weights only: drop --quantize (or the quantized "
-                             "checkpoint) with --tensor-parallel")
-        return load_quantized(config, used, quant, stored is not None, dev, torch_dtype)
+        if shard is not None and quant.bits == 4:
+            shard.check_groups(quant.group_size)
+        return load_quantized(config, used, quant, stored is not None, dev, torch_dtype, shard)
     need, available = used, {name: t.file for name, t in used.items()}
     handles = {path: _open(path) for path in set(available.values())} if shard is None else {}
     use_embed_for_head = "lm_head.weight" not in used
@@ -136,7 +138,8 @@ def _sharded(rt: Runtime, shard: ShardPlan) -> Runtime:
     for L in rt.layers:
         L.o, L.down = AllReduced(L.o), AllReduced(L.down)
     rt.lm_head = Gathered(rt.lm_head, shard.vocab_chunk, shard.config.vocab_size)
-    rt.lookup = VocabShardedEmbedding(rt.embed, shard.vocab_range[0])
+    start, stop = shard.vocab_range
+    rt.lookup = VocabShardedEmbedding(rt.lookup, stop - start, start)
     return rt
 
 
@@ -176,7 +179,7 @@ class _Reader:
         self.used, self.handles = used, {}
 
     def get(self, name: str) -> torch.Tensor:
-        """The tensor `name` as stored."""
+        """The tensor `name` as stored (a vector, or a quantized checkpoint's tensor: `quantized` is `get`)."""
         path = self.used[name].file
         if path not in self.handles:
             self.handles[path] = _open(path)
@@ -184,6 +187,16 @@ class _Reader:
             return self.handles[path].get_tensor(name)
         except (SafetensorError, Exception) as exc:
             raise WeightsError(f"{path}: tensor '{name}' is truncated or corrupt ({exc})") from None
+
+    quantized = get
+
+    def n_rows(self, name: str) -> int:
+        """Rows of the matrix `name` this process holds."""
+        return self.used[name].shape[0]
+
+    def row_max(self, name: str, block: torch.Tensor) -> torch.Tensor | None:
+        """The max |w| of the whole rows of a block when it holds only some of their columns (here: never)."""
+        return None
 
     def rows(self, name: str, start: int, end: int) -> torch.Tensor:
         """Rows [start, end) of the matrix `name` (a copy), its file closed again after."""
@@ -200,6 +213,49 @@ class _Reader:
         _malloc_trim()
 
 
+class _ShardReader:
+    """A tensor-parallel rank's `_Reader`: its slices of each tensor (`ShardPlan`), read with pread."""
+
+    def __init__(self, used: dict[str, layout.TensorInfo], shard: ShardPlan, quant: quantization.Quantization):
+        self.used, self.shard, self.quant = used, shard, quant
+
+    def _read(self, name: str, read) -> torch.Tensor:
+        info = self.used[name]
+        try:
+            return read(info, getattr(torch, layout.SAFETENSORS_DTYPES[info.dtype].name))
+        except (OSError, RuntimeError, ValueError) as exc:
+            raise WeightsError(f"{info.file}: tensor '{name}' is truncated or corrupt ({exc})") from None
+
+    def get(self, name: str) -> torch.Tensor:
+        """This rank's part of a vector (norms whole; a row-parallel bias on rank 0 only)."""
+        return self._read(name, self.shard.read)
+
+    def quantized(self, name: str) -> torch.Tensor:
+        """This rank's part of a quantized checkpoint's tensor (weight, scales or biases of a matrix)."""
+        bits = quantization.matrix_bits(name.rsplit(".", 1)[0] + ".weight", self.quant)
+        where = self.shard.stored_slice(name, bits, self.quant.group_size)
+        return self._read(name, lambda info, dtype: self.shard.read_slice(info, dtype, where))
+
+    def n_rows(self, name: str) -> int:
+        """Rows of the float matrix `name` this rank holds."""
+        where = self.shard.slice_of(name)
+        return where[2] - where[1] if where is not None and where[0] == 0 else self.used[name].shape[0]
+
+    def row_max(self, name: str, block: torch.Tensor) -> torch.Tensor | None:
+        """For a row-parallel matrix (o, down): the max |w| of each whole row of the block, over the ranks."""
+        if not self.shard.row_parallel(name):
+            return None
+        return parallel.all_reduce(block.abs().amax(dim=1).float().contiguous(), "max")
+
+    def rows(self, name: str, start: int, end: int) -> torch.Tensor:
+        """Rows [start, end) of this rank's part of the float matrix `name`."""
+        return self._read(name, lambda info, dtype: self.shard.read(info, dtype, rows=(start, end)))
+
+    def release(self) -> None:
+        """Hand freed heap back to the system (no file stays open)."""
+        _malloc_trim()
+
+
 def _malloc_trim() -> None:
     """glibc's malloc_trim(0) where there is one: the float temporaries of a quantized layer leave the process."""
     import ctypes
@@ -213,25 +269,30 @@ def _malloc_trim() -> None:
 
 @torch.no_grad()
 def load_quantized(config: LlamaConfig, used: dict[str, layout.TensorInfo], quant: quantization.Quantization,
-                   stored: bool, dev: torch.device, dtype: torch.dtype) -> Runtime:
+                   stored: bool, dev: torch.device, dtype: torch.dtype, shard: ShardPlan | None = None) -> Runtime:
     """Build a Runtime with quantized matrices, one layer at a time: from a quantized checkpoint's tensors
-    (`stored`) or by quantizing a float checkpoint's; memory peaks at the quantized model plus one float layer."""
+    (`stored`) or by quantizing a float checkpoint's; memory peaks at the quantized model plus one float layer.
+    With `shard`, this rank's slices only (shard, then quantize), in a runtime that sums and gathers over ranks."""
     from llamacli.model.runtime import RuntimeLayer
     from llamacli.quant import QuantizedTensor, build_quantized, quantize_matrix
     from llamacli.quant.quantize import concat, dequantize_rows
 
-    reader = _Reader(used)
+    reader = _Reader(used) if shard is None else _ShardReader(used, shard, quant)
+
+    def quantized_blocks(name: str, bits: int, group: int | None):
+        rows = reader.n_rows(name)
+        for r in range(0, rows, BLOCK_ROWS):
+            block = reader.rows(name, r, min(r + BLOCK_ROWS, rows))
+            yield quantize_matrix(block, bits, group, name, reader.row_max(name, block) if bits == 8 else None)
 
     def matrix(name: str) -> QuantizedTensor:
         bits, prefix = quantization.matrix_bits(name, quant), name.removesuffix(".weight")
         group = quant.group_size if bits == 4 else None
         if stored:
-            t = QuantizedTensor(bits, reader.get(name), reader.get(f"{prefix}.scales"),
-                                reader.get(f"{prefix}.biases") if bits == 4 else None, group)
+            t = QuantizedTensor(bits, reader.quantized(name), reader.quantized(f"{prefix}.scales"),
+                                reader.quantized(f"{prefix}.biases") if bits == 4 else None, group)
         else:  # in blocks of rows, each read with its file closed after: a big table never sits in memory
-            rows = used[name].shape[0]
-            t = concat([quantize_matrix(reader.rows(name, r, min(r + BLOCK_ROWS, rows)), bits, group, name)
-                        for r in range(0, rows, BLOCK_ROWS)])
+            t = concat(list(quantized_blocks(name, bits, group)))
             _malloc_trim()
         return QuantizedTensor(*(p if p is None or not isinstance(p, torch.Tensor) else p.to(dev, copy=True)
                                  for p in t))
@@ -259,7 +320,9 @@ def load_quantized(config: LlamaConfig, used: dict[str, layout.TensorInfo], quan
     head = build_quantized([table if "lm_head.weight" not in used else matrix("lm_head.weight")])
     norm = vector("model.norm.weight")
     reader.release()
-    return Runtime(config, layers, norm, None, head, lookup=functools.partial(dequantize_rows, table))
+    rt = Runtime(config if shard is None else shard.local_config(), layers, norm, None, head,
+                 lookup=functools.partial(dequantize_rows, table))
+    return rt if shard is None else _sharded(rt, shard)
 
 
 def _assign(model: torch.nn.Module, name: str, param: torch.nn.Parameter) -> None:

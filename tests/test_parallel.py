@@ -41,7 +41,8 @@ def _join(rank: int, port: int, timeout_s: float = 60) -> None:
 
 
 def _outputs(model, prompt) -> dict:
-    """Full logits, a cached prefill + decode, a two-row batch, and greedy tokens of one model (sharded or not)."""
+    """Full logits, a cached prefill + decode, a two-row batch, greedy tokens and the bytes of the weight formats
+    of one model (sharded or not)."""
     from llamacli.generation import Engine
     from llamacli.request import Request
 
@@ -54,17 +55,24 @@ def _outputs(model, prompt) -> dict:
         batched = model(rows, 0, cache, last_only=True)
         step = model(torch.tensor([[4], [8]]), 6, cache)
         fin = engine.generate(prompt[0], Request(max_new_tokens=8, ignore_eos=True))
-    return {"full": full, "batched": batched, "step": step, "greedy": fin.token_ids}
+    nbytes = sum(f.nbytes for f in model.formats().values())
+    return {"full": full, "batched": batched, "step": step, "greedy": fin.token_ids, "nbytes": nbytes}
 
 
-def _tp_worker(rank: int, port: int, folders: list[str], out: str) -> None:
+def _tp_worker(rank: int, port: int, cases: list[tuple[str, dict]], out: str) -> None:
     _join(rank, port)
     results = []
-    for folder in folders:
+    for folder, options in cases:
         plan = ShardPlan.for_config(load_config(folder), rank, WORLD)
-        results.append(_outputs(load_model(folder, shard=plan), PROMPT))
+        results.append(_outputs(load_model(folder, shard=plan, **options), PROMPT))
     torch.save(results, Path(out) / f"rank{rank}.pt")
     parallel.shutdown()
+
+
+def _spawn_tp(cases: list[tuple[str, dict]], tmp_path: Path) -> list[list[dict]]:
+    """Run the cases (folder, load_model options) on 2 ranks; each rank's outputs, case by case."""
+    torch.multiprocessing.spawn(_tp_worker, args=(_free_port(), cases, str(tmp_path)), nprocs=WORLD)
+    return [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
 
 
 SHAPES = {
@@ -78,14 +86,59 @@ SHAPES = {
 
 def test_tensor_parallel_matches_one_process_for_every_shape(tiny_checkpoint, tmp_path):
     folders = [str(tiny_checkpoint(**overrides)) for overrides in SHAPES.values()]
-    torch.multiprocessing.spawn(_tp_worker, args=(_free_port(), folders, str(tmp_path)), nprocs=WORLD)
-    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
+    ranks = _spawn_tp([(f, {}) for f in folders], tmp_path)
     for name, folder, got0, got1 in zip(SHAPES, folders, *ranks):
         want = _outputs(load_model(folder), PROMPT)
         for key in ("full", "batched", "step"):
             assert torch.equal(got0[key], got1[key]), (name, key)  # every rank holds the same logits
             torch.testing.assert_close(got0[key], want[key], rtol=1e-5, atol=1e-5, msg=f"{name}: {key}")
         assert got0["greedy"] == want["greedy"], name
+
+
+QUANT_SHAPES = ("gqa", "mha, biases, odd vocabulary", "3 kv heads over 2 ranks (2 + 1 groups)")
+
+
+def test_tensor_parallel_quantized_matches_one_process_quantized(tiny_checkpoint, tmp_path):
+    """Shard, then quantize per rank (int8, int4) and a quantized checkpoint sliced as stored: every rank's weights
+    are its slices of the one-process quantized model's, so logits agree up to the rounding of the kernels' bf16
+    partial sums and greedy tokens are the same; each rank holds about half the weight bytes."""
+    from llamacli import quantization
+    from llamacli.quant.checkpoint import write_quantized
+
+    cases, names = [], []
+    for name in QUANT_SHAPES:
+        folder = tiny_checkpoint(**SHAPES[name])
+        for quant, options in (("int8", dict(quantize="int8")), ("int4", dict(quantize="int4"))):
+            cases.append((str(folder), options))
+            names.append(f"{name}: --quantize {quant}")
+        for bits in (8, 4):
+            stored = write_quantized(folder, tmp_path / f"q{len(cases)}", quantization.Quantization(bits, 32 if bits == 4
+                                                                                              else None))
+            cases.append((str(stored), {}))
+            names.append(f"{name}: stored int{bits}")
+    ranks = _spawn_tp(cases, tmp_path)
+    for name, (folder, options), got0, got1 in zip(names, cases, *ranks):
+        want = _outputs(load_model(folder, **options), PROMPT)
+        for key in ("full", "batched", "step"):
+            assert torch.equal(got0[key], got1[key]), (name, key)
+            # a few rows go through the CPU kernels, which return bf16: a rank's partial sum of o / down is
+            # rounded before the all-reduce, the one-process sum after (2^-9 of each, tests/test_quant.py)
+            tol = 2e-2 * want[key].abs().max().item()
+            torch.testing.assert_close(got0[key], want[key], rtol=2e-2, atol=tol, msg=f"{name}: {key}")
+        assert got0["greedy"] == want["greedy"], name
+        assert max(got0["nbytes"], got1["nbytes"]) < 0.6 * want["nbytes"], name
+
+
+def test_int4_groups_must_tile_each_ranks_columns(tiny_checkpoint):
+    folder = tiny_checkpoint()  # o_proj: 2 heads x 16 = 32 input columns per rank; down_proj: 64
+    plan = ShardPlan.for_config(load_config(folder), 0, WORLD)
+    with pytest.raises(UsageError, match=r"^--tensor-parallel over 2 ranks with int4 group size 64: o_proj's 32 "
+                                         r"input columns per rank are not a multiple of 64; use --group-size 32$"):
+        load_model(folder, quantize="int4", group_size=64, shard=plan)
+    with pytest.raises(UsageError, match="o_proj's 32 input columns per rank and down_proj's 64 input columns per "
+                                         "rank are not a multiple of 128; use --group-size 32"):
+        plan.check_groups(128)
+    plan.check_groups(32)
 
 
 def test_rank_reads_only_its_slices_and_caches_its_own_heads(tiny_checkpoint):
@@ -144,16 +197,16 @@ def test_a_dead_rank_makes_the_other_fail_with_a_clear_error(tmp_path):
 # -- the CLI under torchrun ---------------------------------------------------------------------------------------
 
 
-def _torchrun(*args, env=None, timeout=240) -> subprocess.CompletedProcess:
+def _torchrun(*args, env=None, timeout=240, stdin=None) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(WORLD), "--master-addr",
            "127.0.0.1", "--master-port", str(_free_port()), "-m", "llamacli", *map(str, args)]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), **(env or {})}
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT)
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT, input=stdin)
 
 
-def _cli(*args) -> subprocess.CompletedProcess:
+def _cli(*args, stdin=None) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "llamacli", *map(str, args)], capture_output=True, text=True,
-                          timeout=120, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
+                          timeout=120, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, input=stdin)
 
 
 def test_torchrun_tensor_parallel_generate_prints_once_and_matches(tiny_chat_dir):
@@ -165,6 +218,38 @@ def test_torchrun_tensor_parallel_generate_prints_once_and_matches(tiny_chat_dir
     lines = tp.stdout.strip().splitlines()
     assert len(lines) == 1, tp.stdout  # rank 0 only
     assert json.loads(lines[0])["token_ids"] == json.loads(one.stdout)["token_ids"]
+    # The int4 self-draft is sharded as the model is (shard, then quantize): greedy output unchanged.
+    spec = _torchrun(*args, "--tensor-parallel", "--draft-quantize", "int4")
+    assert spec.returncode == 0, spec.stderr
+    out = json.loads(spec.stdout)
+    assert out["token_ids"] == json.loads(one.stdout)["token_ids"]
+    assert out["stats"]["draft"] == "self-int4" and out["stats"]["accepted_tokens"] > 0
+
+
+def test_torchrun_tensor_parallel_int4_generate_matches_one_process_int4(tiny_chat_dir):
+    args = ["generate", "--model", tiny_chat_dir, "--prompt", "hello there", "-n", "12", "--ignore-eos", "--json",
+            "--quantize", "int4"]
+    one = _cli(*args)
+    assert one.returncode == 0, one.stderr
+    tp = _torchrun(*args, "--tensor-parallel")
+    assert tp.returncode == 0, tp.stderr
+    assert json.loads(tp.stdout)["token_ids"] == json.loads(one.stdout)["token_ids"]
+    bad = _torchrun(*args, "--tensor-parallel", "--group-size", "128")
+    assert bad.returncode != 0 and "int4 group size 128: o_proj's 32 input columns per rank" in bad.stderr
+
+
+def test_torchrun_tensor_parallel_chat_matches_one_process(tiny_chat_dir):
+    """Piped chat under torchrun: rank 0 reads the turns, every rank runs them, rank 0 alone prints the replies."""
+    args = ["chat", "--model", tiny_chat_dir, "-n", "8", "--json", "--seed", "3", "--temperature", "0.8"]
+    turns = "hello there\nand what else?\n"
+    one = _cli(*args, stdin=turns)
+    assert one.returncode == 0, one.stderr
+    tp = _torchrun(*args, "--tensor-parallel", stdin=turns)
+    assert tp.returncode == 0, tp.stderr
+    got, want = ([json.loads(line) for line in r.stdout.splitlines()] for r in (tp, one))
+    assert len(got) == len(want) == 2
+    assert [t["token_ids"] for t in got] == [t["token_ids"] for t in want]
+    assert got[1]["prefill_tokens"] < len(got[1]["prompt_token_ids"])  # the second turn reused the cache
 
 
 def test_torchrun_sharded_batch_equals_one_process_and_resumes(tiny_chat_dir, tmp_path):

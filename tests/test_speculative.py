@@ -1,7 +1,7 @@
-"""Speculative decoding: greedy output equals plain decoding token for token (every draft kind, stops, eos,
-max_new_tokens mid-draft, the context limit, long runs of rejections); sampling keeps plain sampling's
-distribution (chi-square over seeded runs, stub drafts that always / never get accepted); the adaptive length;
-the vocabulary check; the CLI flags."""
+"""Speculative decoding: greedy output equals plain decoding token for token (every draft kind, the int4 / int8
+self-drafts included; stops, eos, max_new_tokens mid-draft, the context limit, long runs of rejections); sampling
+keeps plain sampling's distribution (chi-square over seeded runs, stub drafts that always / never get accepted,
+and wrong residuals that the same statistic must reject); the adaptive length; the vocabulary check; the CLI flags."""
 
 from __future__ import annotations
 
@@ -24,10 +24,27 @@ def load(folder) -> Engine:
 
 
 @pytest.fixture(scope="module")
-def target(tmp_path_factory):
+def target_dir(tmp_path_factory):
     from tests.conftest import write_tiny_checkpoint
 
-    return load(write_tiny_checkpoint(tmp_path_factory.mktemp("target") / "ckpt", seed=0))
+    return write_tiny_checkpoint(tmp_path_factory.mktemp("target") / "ckpt", seed=0)
+
+
+@pytest.fixture(scope="module")
+def target(target_dir):
+    return load(target_dir)
+
+
+def self_draft(engine, folder, quantize: str) -> DraftModel:
+    """The --draft-quantize draft: a quantized copy of the model's own checkpoint, sharing its tokenizer."""
+    return DraftModel(Engine(load_model(folder, dtype="float32", device="cpu", quantize=quantize), engine.tokenizer),
+                      name=f"self-{quantize}")
+
+
+@pytest.fixture(scope="module")
+def quantized(target, target_dir):
+    """The int4 and int8 copies of the target (engines: each test wraps them in a fresh DraftModel)."""
+    return {q: self_draft(target, target_dir, q).engine for q in ("int4", "int8")}
 
 
 @pytest.fixture(scope="module")
@@ -38,8 +55,9 @@ def other(tmp_path_factory):
     return load(write_tiny_checkpoint(tmp_path_factory.mktemp("draft") / "ckpt", seed=1))
 
 
-def drafts(target, other):
-    return {"lookup": PromptLookup(3), "other": DraftModel(other), "self": DraftModel(target)}
+def drafts(target, other, quantized):
+    return {"lookup": PromptLookup(3), "other": DraftModel(other), "self": DraftModel(target),
+            **{f"self-{q}": DraftModel(e, name=f"self-{q}") for q, e in quantized.items()}}
 
 
 def events_of(stream):
@@ -48,50 +66,57 @@ def events_of(stream):
     return [(e.token_id, e.text, e.logprob) for e in events if isinstance(e, TokenEvent)], events[-1]
 
 
-@pytest.mark.parametrize("kind", ["lookup", "other", "self"])
+@pytest.mark.parametrize("kind", ["lookup", "other", "self", "self-int4", "self-int8"])
 @pytest.mark.parametrize("k", [1, 3, 6])
-def test_greedy_equals_plain(target, other, kind, k):
+def test_greedy_equals_plain(target, other, quantized, kind, k):
     req = Request(max_new_tokens=40, ignore_eos=True, logprobs=True)
     plain, pf = events_of(target.stream(PROMPT, req))
-    spec, sf = events_of(Speculator(target, drafts(target, other)[kind], k, adaptive=False).stream(PROMPT, req))
+    draft = drafts(target, other, quantized)[kind]
+    spec, sf = events_of(Speculator(target, draft, k, adaptive=False).stream(PROMPT, req))
     assert [t for t, _, _ in spec] == [t for t, _, _ in plain]
     # Logprobs are the model's, from a (k+1)-position forward: equal up to float32 summation order.
     assert [lp for _, _, lp in spec] == pytest.approx([lp for _, _, lp in plain], abs=1e-4)
     assert sf.reason == pf.reason == "length" and sf.token_ids == pf.token_ids
-    assert sf.stats.draft == drafts(target, other)[kind].name and sf.stats.verify_forwards > 0
+    assert sf.stats.draft == draft.name and sf.stats.verify_forwards > 0
     if kind == "self":
         assert sf.stats.accepted_tokens == sf.stats.drafted_tokens > 0
         assert sf.stats.verify_forwards < 40 // (k + 1) + 2  # one forward per k + 1 tokens
+    if kind.startswith("self-"):  # the same model, quantized: most drafts are kept
+        assert sf.stats.accepted_tokens >= 0.7 * sf.stats.drafted_tokens > 0
 
 
-def test_eos_inside_a_draft_ends_there(target):
+@pytest.mark.parametrize("quant", [None, "int4"])
+def test_eos_inside_a_draft_ends_there(target, target_dir, quant):
     free = target.generate(PROMPT, Request(max_new_tokens=20, ignore_eos=True)).token_ids
     eos_engine = Engine(target.model)
-    eos_engine.eos_ids = frozenset({free[6]})  # the perfect draft proposes it mid-round
+    eos_engine.eos_ids = frozenset({free[6]})  # the draft proposes it mid-round
     expected = eos_engine.generate(PROMPT, Request(max_new_tokens=20))
     for k in (3, 5):
-        result = Speculator(eos_engine, DraftModel(eos_engine), k, adaptive=False).stream(PROMPT, Request(max_new_tokens=20))
+        draft = DraftModel(eos_engine) if quant is None else self_draft(eos_engine, target_dir, quant)
+        result = Speculator(eos_engine, draft, k, adaptive=False).stream(PROMPT, Request(max_new_tokens=20))
         _, fin = events_of(result)
         assert fin.token_ids == expected.token_ids == free[:free.index(free[6]) + 1]
         assert fin.reason == "stop"
 
 
+@pytest.mark.parametrize("quant", [None, "int4"])
 @pytest.mark.parametrize("n_new", [1, 2, 3, 7, 11])
-def test_max_new_tokens_reached_mid_draft(target, n_new):
+def test_max_new_tokens_reached_mid_draft(target, quantized, quant, n_new):
     req = Request(max_new_tokens=n_new, ignore_eos=True)
     expected = target.generate(PROMPT, req).token_ids
     for k in (4, 6):
-        _, fin = events_of(Speculator(target, DraftModel(target), k, adaptive=False).stream(PROMPT, req))
+        draft = DraftModel(target if quant is None else quantized[quant])
+        _, fin = events_of(Speculator(target, draft, k, adaptive=False).stream(PROMPT, req))
         assert fin.token_ids == expected and len(expected) == n_new and fin.reason == "length"
 
 
-def test_context_limit(target, other):
+def test_context_limit(target, other, quantized):
     ctx = target.config.context_length
     req = Request(max_new_tokens=ctx - len(PROMPT), ignore_eos=True)  # fills every position of the context
     expected = target.generate(PROMPT, req).token_ids
-    for draft in drafts(target, other).values():
+    for draft in drafts(target, other, quantized).values():
         _, fin = events_of(Speculator(target, draft, 6, adaptive=False).stream(PROMPT, req))
-        assert fin.token_ids == expected
+        assert fin.token_ids == expected, draft.name
 
 
 def test_long_run_of_rejections_equals_plain(tiny_chat_dir, tmp_path):
@@ -114,17 +139,19 @@ def test_stop_strings_and_text_through_the_same_sequence(tiny_chat_dir):
     stop = free.text[len(free.text) // 2:len(free.text) // 2 + 3]
     req = Request(max_new_tokens=40, ignore_eos=True, stop=(stop,))
     plain, pf = events_of(target.stream(prompt, req))
-    for draft in (PromptLookup(2), DraftModel(target)):
+    for draft in (PromptLookup(2), DraftModel(target), self_draft(target, tiny_chat_dir, "int4")):
         spec, sf = events_of(Speculator(target, draft, 5, adaptive=False).stream(prompt, req))
         assert [(t, x) for t, x, _ in spec] == [(t, x) for t, x, _ in plain]
         assert (sf.text, sf.reason) == (pf.text, "stop") and stop not in sf.text
 
 
-def test_chat_session_with_a_speculator(tiny_chat_dir):
+@pytest.mark.parametrize("quant", [None, "int4"])
+def test_chat_session_with_a_speculator(tiny_chat_dir, quant):
     engine = Engine.load(tiny_chat_dir, dtype="float32", device="cpu")
     req = Request(max_new_tokens=12, ignore_eos=True)
     plain = ChatSession(engine, max_context=250)
-    spec = ChatSession(engine, max_context=250, stream=Speculator(engine, DraftModel(engine), 4).stream)
+    draft = DraftModel(engine) if quant is None else self_draft(engine, tiny_chat_dir, quant)
+    spec = ChatSession(engine, max_context=250, stream=Speculator(engine, draft, 4).stream)
     for text in ("hello there", "and again", "once more"):
         a = [e for e in plain.turn(text, req)][-1]
         b = [e for e in spec.turn(text, req)][-1]
@@ -200,8 +227,10 @@ def sample_counts(engine, stream_for, params, n):
 
 
 def chi_square_p(counts, probs, n) -> float:
-    """Pool the cells expected below 5 into one; the p-value of the counts under probs."""
-    assert set(counts) <= set(probs), "a sequence plain sampling can never produce"
+    """Pool the cells expected below 5 into one; the p-value of the counts under probs (0 when a sequence plain
+    sampling can never produce was drawn)."""
+    if not set(counts) <= set(probs):
+        return 0.0
     stat, df, small_e, small_o = 0.0, -1, 0.0, 0
     for key, p in probs.items():
         e, o = p * n, counts.get(key, 0)
@@ -224,7 +253,12 @@ def exact(target):
 
 
 class MixtureDraft:
-    """A draft with probabilities that is right about half the time: q = (p_model + p_other) / 2."""
+    """A draft with probabilities, often rejected, whose rejections need the right residual: q puts 3/4 on the
+    model's second most likely token (inside p's top-k support) and 1/4 on another model's distribution.
+
+    (A draft whose q is half p and half a distribution on other tokens, as this test once used, makes the residual
+    max(0, p - q) = p / 2 on p's support: then drawing from p after a rejection is right too, and no statistic can
+    tell a wrong residual from the right one. `test_a_wrong_residual_is_rejected` keeps this draft honest.)"""
 
     name = "mixture"
 
@@ -238,22 +272,48 @@ class MixtureDraft:
         tokens, probs = [], []
         for _ in range(k):
             x = torch.tensor([ids + tokens])
-            q = sum(torch.softmax(filter_logits(e.model(x)[0, -1].float(), params), -1)
-                    for e in (self.target, self.other)) / 2
+            second = int(torch.topk(self.target.model(x)[0, -1], 2).indices[1])
+            q = torch.softmax(filter_logits(self.other.model(x)[0, -1].float(), params), -1) / 4
+            q[second] += 3 / 4
             tokens.append(int(torch.multinomial(q, 1, generator=self.generator)))
             probs.append(q)
         return tokens, torch.stack(probs)
 
 
-def test_draft_model_sampling_keeps_the_distribution(target, other, exact):
-    """Rejection sampling min(1, p/q) with the residual max(0, p - q): the first three tokens are distributed as
-    under plain sampling (fixed seeds: deterministic), with a draft whose guesses are often rejected."""
+def draft_streams(target, other, quantized, kind):
+    """A fresh speculative stream per call for a sampling test: the mixture (reseeded) or the int4 self-draft."""
     seeds = iter(range(10**6))
-    counts, (drafted, accepted) = sample_counts(
-        target, lambda: Speculator(target, MixtureDraft(target, other, next(seeds)), 2, adaptive=False).stream,
-        PARAMS, N_SAMPLES)
-    assert 0 < accepted < drafted  # both branches ran
+    if kind == "mixture":
+        return lambda: Speculator(target, MixtureDraft(target, other, next(seeds)), 2, adaptive=False).stream
+    return lambda: Speculator(target, DraftModel(quantized["int4"]), 2, adaptive=False).stream
+
+
+@pytest.mark.parametrize("kind", ["mixture", "self-int4"])
+def test_draft_model_sampling_keeps_the_distribution(target, other, quantized, exact, kind):
+    """Rejection sampling min(1, p/q) with the residual max(0, p - q): the first three tokens are distributed as
+    under plain sampling (fixed seeds: deterministic), with a draft whose guesses are often rejected, and with
+    the int4 copy of the model (q close to p: nearly every draft kept)."""
+    counts, (drafted, accepted) = sample_counts(target, draft_streams(target, other, quantized, kind), PARAMS,
+                                                N_SAMPLES)
+    assert 0 < accepted < drafted if kind == "mixture" else accepted > 0.9 * drafted  # both branches ran
     assert chi_square_p(counts, exact, N_SAMPLES) > 1e-3
+
+
+WRONG_RESIDUALS = {"p": (lambda p, q: p, N_SAMPLES),  # plain sampling's distribution after a rejection
+                   "q": (lambda p, q: q, N_SAMPLES // 2)}  # the draft's own (far off: fewer samples show it)
+
+
+@pytest.mark.parametrize("wrong", sorted(WRONG_RESIDUALS))
+def test_a_wrong_residual_is_rejected(target, other, quantized, exact, wrong, monkeypatch):
+    """The negative control: with a wrong residual in `Sequence.decide`, the same draft, seeds and statistic as
+    above give a p-value far below the test's threshold, so that test cannot pass vacuously. (The int4 self-draft
+    is kept nearly always, so its runs cannot tell residuals apart: the mixture carries this check.)"""
+    from llamacli.generation.sequence import Sequence
+
+    residual, n = WRONG_RESIDUALS[wrong]
+    monkeypatch.setattr(Sequence, "residual", staticmethod(residual))
+    counts, _ = sample_counts(target, draft_streams(target, other, quantized, "mixture"), PARAMS, n)
+    assert chi_square_p(counts, exact, n) < 1e-6
 
 
 def test_plain_sampling_passes_the_same_test(target, exact):
@@ -332,6 +392,14 @@ def run_cli(*args):
     return CliRunner().invoke(app, list(args))
 
 
+def run_cli_input(stdin: str, *args):
+    from typer.testing import CliRunner
+
+    from llamacli.cli import app
+
+    return CliRunner().invoke(app, list(args), input=stdin)
+
+
 def test_cli_generate_with_drafts(tiny_chat_dir, tmp_path):
     from tests.conftest import write_tiny_chat_checkpoint
 
@@ -339,14 +407,32 @@ def test_cli_generate_with_drafts(tiny_chat_dir, tmp_path):
             "--ignore-eos", "--json"]
     plain = json.loads(run_cli(*base).stdout)
     draft_dir = write_tiny_chat_checkpoint(tmp_path / "d", seed=3)
-    for extra in (["--prompt-lookup", "2"], ["--draft-model", str(draft_dir), "--draft-tokens", "3"],
-                  ["--draft-model", str(tiny_chat_dir)]):
+    for extra, name in ((["--prompt-lookup", "2"], "prompt-lookup"),
+                        (["--draft-model", str(draft_dir), "--draft-tokens", "3"], "draft-model"),
+                        (["--draft-model", str(tiny_chat_dir)], "draft-model"),
+                        (["--draft-quantize", "int4"], "self-int4"),
+                        (["--draft-quantize", "int4", "--draft-group-size", "64", "--draft-tokens", "3"], "self-int4"),
+                        (["--draft-quantize", "int8"], "self-int8")):
         result = run_cli(*base, *extra)
         assert result.exit_code == 0, result.output
         out = json.loads(result.stdout)
         assert out["token_ids"] == plain["token_ids"]
         assert out["stats"]["drafted_tokens"] >= out["stats"]["accepted_tokens"] >= 0
+        assert out["stats"]["draft"] == name
         assert "acceptance_rate" in out["stats"] and "draft" not in plain["stats"]
+        if name.startswith("self-"):
+            assert out["stats"]["accepted_tokens"] > 0
+
+
+def test_cli_chat_with_an_int4_self_draft(tiny_chat_dir):
+    base = ["chat", "-m", str(tiny_chat_dir), "-n", "10", "--json"]
+    turns = "hello there\nand again\n"
+    plain = run_cli_input(turns, *base)
+    spec = run_cli_input(turns, *base, "--draft-quantize", "int4", "--stats")
+    assert plain.exit_code == 0 and spec.exit_code == 0, spec.output
+    ids = [[json.loads(line)["token_ids"] for line in r.stdout.splitlines()] for r in (plain, spec)]
+    assert len(ids[0]) == 2 and ids[0] == ids[1]
+    assert spec.stderr.count("self-int4: drafted") == 2
 
 
 def test_cli_refuses_bad_draft_options(tiny_chat_dir, tmp_path):
@@ -361,6 +447,38 @@ def test_cli_refuses_bad_draft_options(tiny_chat_dir, tmp_path):
     assert result.exit_code == 2 and "--draft-tokens needs a draft" in result.output
     result = run_cli(*base, "--prompt-lookup", "2", "--draft-model", str(tiny_chat_dir))
     assert result.exit_code == 2 and "not both" in result.output
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--draft-quantize", "int4", "--draft-model", "x"], "error: pass one draft: --draft-model or --draft-quantize, "
+                                                         "not both"),
+    (["--draft-quantize", "int4", "--prompt-lookup", "2"], "error: pass one draft: --prompt-lookup or "
+                                                           "--draft-quantize, not both"),
+    (["--draft-quantize", "int8", "--draft-group-size", "64"], "error: --draft-group-size applies to "
+                                                               "--draft-quantize int4 only"),
+    (["--draft-group-size", "64"], "error: --draft-group-size applies to --draft-quantize int4 only"),
+    (["--draft-quantize", "int4", "--draft-group-size", "48"], "error: --draft-group-size 48 is not supported"),
+    (["--draft-quantize", "int2"], "'int2' is not one of"),
+])
+def test_cli_refuses_bad_self_draft_options(tiny_chat_dir, extra, message):
+    result = run_cli("generate", "-m", str(tiny_chat_dir), "--raw", "-p", "hi", "-n", "4", *extra)
+    assert result.exit_code == 2 and message in result.output, result.output
+    if message.startswith("error:"):
+        assert len(result.output.strip().splitlines()) == 1
+
+
+def test_cli_self_draft_of_a_quantized_checkpoint_is_refused(tiny_chat_dir, tmp_path):
+    from llamacli import quantization
+    from llamacli.quant.checkpoint import write_quantized
+
+    q = write_quantized(tiny_chat_dir, tmp_path / "q8", quantization.Quantization(8))
+    result = run_cli("generate", "-m", str(q), "--raw", "-p", "hi", "-n", "4", "--draft-quantize", "int4")
+    assert result.exit_code == 2, result.output
+    assert "--draft-quantize int4:" in result.output and "is already quantized (int8 per row)" in result.output
+    batch = tmp_path / "in.txt"
+    batch.write_text("hi\n")
+    result = run_cli("generate", "-m", str(tiny_chat_dir), "--prompts-file", str(batch), "--draft-quantize", "int4")
+    assert result.exit_code == 2 and "--draft-quantize applies to a single prompt" in result.output
 
 
 @pytest.mark.slow

@@ -297,13 +297,18 @@ def load_engine(model: str, revision: Optional[str], dtype: Dtype, device: Devic
     folder = resolve(model, revision, dtype)
     options = {"quantize": quant, "group_size": group_size}
     if tensor_parallel:
-        from llamacli import parallel
-        from llamacli.config import load_config
-
-        options["shard"] = parallel.ShardPlan.for_config(load_config(folder), parallel.rank(), parallel.world_size())
+        options["shard"] = shard_plan(folder)
     engine = Engine.load(folder, dtype=dtype.value, device=device.value, tokenizer=tokenizer,
                          chat_template=chat_template, **options)
     return engine, folder, time.perf_counter() - t0
+
+
+def shard_plan(folder: Path):
+    """This rank's tensor-parallel plan for the checkpoint in `folder` (UsageError for a shape it cannot split)."""
+    from llamacli import parallel
+    from llamacli.config import load_config
+
+    return parallel.ShardPlan.for_config(load_config(folder), parallel.rank(), parallel.world_size())
 
 
 class _ErrorLinesOnly:

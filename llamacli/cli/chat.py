@@ -11,7 +11,8 @@ from llamacli.cli.app import (Device, DeviceOpt, Dtype, DtypeOpt, GroupSizeOpt, 
                               QuantizeOpt, RepPenaltyOpt, RevisionOpt, SeedOpt, StatsOpt, StopOpt, SystemOpt,
                               TemperatureOpt, TemplateOpt, TensorParallelOpt, TokenizerOpt, TopKOpt, TopPOpt, app,
                               check_sampling, errors, load_engine, note, shared_seed, start_distributed)
-from llamacli.cli.speculative import DraftModelOpt, DraftTokensOpt, PromptLookupOpt, check_speculative, speculative_stream
+from llamacli.cli.speculative import (DraftGroupSizeOpt, DraftModelOpt, DraftOptions, DraftQuantizeOpt, DraftTokensOpt,
+                                      PromptLookupOpt)
 from llamacli.cli.repl import ChatLoop
 from llamacli.errors import TokenizerError, UsageError
 from llamacli.prompts import sampling_params
@@ -40,6 +41,8 @@ def chat(
         "--max-context", min=2, help="Positions kept for the conversation (default: the model's context).",
         show_default=False)] = None,
     draft_model: DraftModelOpt = None,
+    draft_quantize: DraftQuantizeOpt = None,
+    draft_group_size: DraftGroupSizeOpt = None,
     prompt_lookup: PromptLookupOpt = None,
     draft_tokens: DraftTokensOpt = None,
     stats: StatsOpt = False,
@@ -54,7 +57,8 @@ def chat(
     """
     with errors():
         check_sampling(temperature, top_k, top_p, min_p, repetition_penalty, seed=seed, system=system, stop=stop)
-        check_speculative(draft_model, prompt_lookup, draft_tokens)
+        spec = DraftOptions(draft_model, prompt_lookup, draft_tokens, draft_quantize, draft_group_size)
+        spec.check()
         from llamacli.generation import ChatSession
 
         start_distributed(device)
@@ -69,7 +73,7 @@ def chat(
             raise TokenizerError(f"{folder}: this model has no chat template; chat needs one "
                                  "(pass --chat-template FILE, or use generate --raw)")
         sampling = sampling_params(engine.config.generation, temperature, top_k, top_p, min_p, repetition_penalty)
-        stream = speculative_stream(engine, draft_model, prompt_lookup, draft_tokens, revision, dtype, device)
+        stream = spec.stream(engine, folder, revision, dtype, device, tensor_parallel)
         session = ChatSession(engine, system=system, max_context=max_context, stream=stream)
         loop = ChatLoop(engine, session, sampling, seed, max_new_tokens, tuple(stop or ()), as_json, stats)
         interactive = parallel.broadcast_object(sys.stdin.isatty())  # rank 0's terminal

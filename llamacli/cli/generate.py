@@ -14,7 +14,8 @@ from llamacli.cli.app import (DeviceOpt, Device, Dtype, DtypeOpt, GroupSizeOpt, 
                               SystemOpt, TemperatureOpt, TemplateOpt, TensorParallelOpt, TokenizerOpt, TopKOpt,
                               TopPOpt, app, check_sampling, errors, load_engine, note, read_text_arg, shared_seed,
                               start_distributed, stats_line, stderr, stop_on_interrupt, write)
-from llamacli.cli.speculative import DraftModelOpt, DraftTokensOpt, PromptLookupOpt, check_speculative, speculative_stream
+from llamacli.cli.speculative import (DraftGroupSizeOpt, DraftModelOpt, DraftOptions, DraftQuantizeOpt, DraftTokensOpt,
+                                      PromptLookupOpt)
 from llamacli.errors import TokenizerError, UsageError
 from llamacli.prompts import default_max_new_tokens, encode_prompt, sampling_params
 from llamacli.request import Finished, Request, TokenEvent
@@ -49,6 +50,8 @@ def generate(
     tokenizer: TokenizerOpt = None,
     chat_template: TemplateOpt = None,
     draft_model: DraftModelOpt = None,
+    draft_quantize: DraftQuantizeOpt = None,
+    draft_group_size: DraftGroupSizeOpt = None,
     prompt_lookup: PromptLookupOpt = None,
     draft_tokens: DraftTokensOpt = None,
     stats: StatsOpt = False,
@@ -86,10 +89,11 @@ def generate(
             raise UsageError("--system needs the chat template; it cannot be used with --raw")
         if logprobs and not as_json and prompts_file is None:
             raise UsageError("--logprobs needs --json (log-probabilities are part of the JSON output)")
-        check_speculative(draft_model, prompt_lookup, draft_tokens)
-        if prompts_file is not None and (draft_model is not None or prompt_lookup is not None):
-            raise UsageError("batch mode (--prompts-file) decodes its batches normally; --draft-model and "
-                             "--prompt-lookup apply to a single prompt")
+        spec = DraftOptions(draft_model, prompt_lookup, draft_tokens, draft_quantize, draft_group_size)
+        spec.check()
+        if prompts_file is not None and spec.drafts:
+            raise UsageError(f"batch mode (--prompts-file) decodes its batches normally; {spec.drafts[0]} applies "
+                             "to a single prompt")
         if prompts_file is None:
             if output is not None or resume or overwrite:
                 raise UsageError("--output, --resume and --overwrite belong to batch mode: pass --prompts-file")
@@ -104,8 +108,8 @@ def generate(
             prepared = prepare_sharded_batch(prompts_file, output, resume, overwrite)
         else:
             prepared = prepare_batch(prompts_file, output, resume, overwrite) if prompts_file is not None else None
-        engine, _, load_s = load_engine(model, revision, dtype, device, tokenizer, chat_template, quantize,
-                                        group_size, tensor_parallel)
+        engine, folder, load_s = load_engine(model, revision, dtype, device, tokenizer, chat_template, quantize,
+                                             group_size, tensor_parallel)
         gen = engine.config.generation
         sampling = sampling_params(gen, temperature, top_k, top_p, min_p, repetition_penalty)
         request = Request(max_new_tokens=max_new_tokens or default_max_new_tokens(gen), sampling=sampling,
@@ -124,7 +128,7 @@ def generate(
         if max_new_tokens is None:  # the default is capped to what the context has left after this prompt
             room = engine.config.context_length - len(ids)
             request = replace(request, max_new_tokens=default_max_new_tokens(gen, room))
-        stream = speculative_stream(engine, draft_model, prompt_lookup, draft_tokens, revision, dtype, device)
+        stream = spec.stream(engine, folder, revision, dtype, device, tensor_parallel)
         stream_generation(engine, ids, request, as_json, stats, load_s, stream)
 
 

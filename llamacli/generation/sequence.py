@@ -145,10 +145,15 @@ class Sequence:
         u = float(torch.rand((), generator=self.generator))
         if float(q[draft_token]) > 0 and u * float(q[draft_token]) < float(p[draft_token]):
             return draft_token
+        return int(torch.multinomial(self.residual(p, q), 1, generator=self.generator))
+
+    @staticmethod
+    def residual(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+        """What a rejected draft's position draws from: max(0, p - q) (unnormalised; multinomial normalises)."""
         residual = (p - q).clamp_min(0)
         if float(residual.sum()) <= 0:  # p <= q everywhere means p == q: any draw from p will do
             residual = p
-        return int(torch.multinomial(residual, 1, generator=self.generator))
+        return residual
 
     def accept(self, token: int, logprob: float | None = None,
                top_logprobs: list[tuple[int, float]] | None = None) -> list[Event]:

@@ -11,8 +11,8 @@ store weights (int8, int4, a tensor-parallel shard) is a new class here, never a
 - `Packed`: reordered once into oneDNN's blocked layout (fp32, and bf16 where the CPU has native bf16).
 
 `Concatenated` holds parts that share their input but no format (a GGUF's int8 v beside its int4 q and k).
-Tensor parallelism wraps a rank's shard (any of the formats above) in `AllReduced` (o and down: the ranks'
-partial sums added) or `Gathered` (the lm_head: the ranks' vocabulary columns concatenated).
+Tensor parallelism wraps a rank's shard (any format: those above, or `quant`'s int8 / int4) in `AllReduced` (o
+and down: the ranks' partial sums added) or `Gathered` (the lm_head: the ranks' vocabulary columns concatenated).
 """
 
 from __future__ import annotations

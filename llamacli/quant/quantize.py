@@ -49,15 +49,19 @@ BLOCK_ELEMENTS = 1 << 20
 def _row_blocks(w: torch.Tensor):
     rows = max(1, BLOCK_ELEMENTS // max(1, w.shape[1]))
     for start in range(0, w.shape[0], rows):
-        yield w[start:start + rows]
+        yield start, w[start:start + rows]
 
 
-def quantize_int8(w: torch.Tensor) -> QuantizedTensor:
-    """Symmetric per-row int8: scale = max |w| / 127 per row, q = round(w / scale) in [-127, 127]."""
+def quantize_int8(w: torch.Tensor, row_max: torch.Tensor | None = None) -> QuantizedTensor:
+    """Symmetric per-row int8: scale = max |w| / 127 per row, q = round(w / scale) in [-127, 127].
+
+    `row_max` (rows,): the max |w| of each whole row when w holds only some of its columns (a tensor-parallel
+    rank's shard of o / down), so that the shard is quantized exactly as its columns of the whole matrix are."""
     qs, ss = [], []
-    for block in _row_blocks(w.detach()):
+    for start, block in _row_blocks(w.detach()):
         block = block.float()
-        scales = (block.abs().amax(dim=1) / 127).clamp(min=torch.finfo(torch.float32).tiny)  # (rows,)
+        amax = block.abs().amax(dim=1) if row_max is None else row_max[start:start + block.shape[0]].float()
+        scales = (amax / 127).clamp(min=torch.finfo(torch.float32).tiny)  # (rows,)
         qs.append(torch.round(block / scales[:, None]).clamp(-127, 127).to(torch.int8))
         ss.append(scales)
     return QuantizedTensor(8, torch.cat(qs), torch.cat(ss), None, None)
@@ -76,7 +80,7 @@ def quantize_int4(w: torch.Tensor, group_size: int = 32, name: str = "weight") -
     """Asymmetric int4 per group of `group_size` columns: w ~ q * scale + bias with q in [0, 15]."""
     check_group_size(name, tuple(w.shape), group_size)
     qs, ss, bs = [], [], []
-    for block in _row_blocks(w.detach()):
+    for _, block in _row_blocks(w.detach()):
         N, K = block.shape
         g = block.float().reshape(N, K // group_size, group_size)  # (rows, groups, group)
         lo, hi = g.amin(-1), g.amax(-1)
@@ -90,10 +94,11 @@ def quantize_int4(w: torch.Tensor, group_size: int = 32, name: str = "weight") -
     return QuantizedTensor(4, torch.cat(qs), torch.cat(ss), torch.cat(bs), group_size)
 
 
-def quantize_matrix(w: torch.Tensor, bits: int, group_size: int | None, name: str = "weight") -> QuantizedTensor:
-    """`quantize_int8` or `quantize_int4` by bits."""
+def quantize_matrix(w: torch.Tensor, bits: int, group_size: int | None, name: str = "weight",
+                    row_max: torch.Tensor | None = None) -> QuantizedTensor:
+    """`quantize_int8` (with its `row_max`) or `quantize_int4` by bits."""
     if bits == 8:
-        return quantize_int8(w)
+        return quantize_int8(w, row_max)
     if bits == 4:
         return quantize_int4(w, group_size or 32, name)
     raise UsageError(f"unsupported bits {bits} (choose 8 or 4)")
