@@ -839,6 +839,34 @@ def run_all(sched):
     return done
 
 
+def test_prefix_index_is_pure_bookkeeping():
+    from llamacli.generation.prefix_cache import PrefixIndex, common_prefix
+
+    a = list(range(50))
+    assert [common_prefix(a, b, lim) for b, lim in [(a, 99), (a, 10), (a[:7] + [0], 99), ([], 9), (a, 0), (a, -1)]] \
+        == [50, 10, 7, 0, 0, 0]
+    index = PrefixIndex(min_tokens=4)
+    index.keep(3, a[:20])
+    index.keep(1, a[:30])
+    index.keep(0, a[:3])  # too short to keep
+    assert len(index) == 2 and index.held(0) == [] and index.eviction_order([0, 1, 2, 3]) == [0, 2, 3, 1]
+    ids = a[:25] + [99]
+    assert index.best(ids, {}, len(ids) - 1) == (1, 25)
+    assert index.best(a[:18] + [99], {}, 18) == (3, 18)  # a tie: the least recently freed slot
+    assert index.best(ids, {5: a[:40]}, len(ids) - 1) == (1, 25)  # a tie: the freed slot before a running row
+    assert index.best(ids, {5: a[:40]}, 3) == (None, 0)  # under the minimum
+    index.touch(3)
+    assert index.eviction_order([1, 3]) == [1, 3]
+    index.swap(1, 2)
+    assert index.held(2) == a[:30] and index.held(1) == []
+    index.drop(2)
+    assert index.best(ids, {}, 25) == (3, 20)
+    dyn = PrefixIndex(min_tokens=4, dynamic_context=24)
+    assert dyn.tokens(a[:20], [7, 8, 9], 22) == a[:20] + [7, 8] and dyn.tokens(a[:25], [7], 25) == []
+    dyn.keep(0, a[:20])
+    assert dyn.best(a[:24], {}, 23) == (0, 20) and dyn.best(a[:25], {}, 24) == (None, 0)
+
+
 def test_a_freed_rows_cache_serves_the_next_prompt_that_starts_like_it(engine):
     """Requests one after another: the same prompt again, a conversation resent with its answer, another
     question after the same system prompt. Each prefills only what the freed row does not hold (always its last

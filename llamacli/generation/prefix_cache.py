@@ -7,7 +7,9 @@ theirs too (the scheduler passes them in). A new prompt reuses the longest commo
 of them, when that is at least `min_tokens` long and never its last token (whose logits give the first new
 token): the scheduler copies those positions into the new row, or admits the prompt into that very row when its
 slot is free, and prefills only the rest. Free slots are overwritten least recently freed first, slots that hold
-nothing before any. Pure bookkeeping: no tensors here.
+nothing before any. Under dynamic NTK scaling a position's keys depend on the length of the forward that computed
+them once it passes the trained context (`dynamic_context`): only prompts within it reuse, and only from rows
+whose prompt was within it. Pure bookkeeping: no tensors here.
 """
 
 from __future__ import annotations
@@ -36,13 +38,20 @@ def common_prefix(a: list[int], b: list[int], limit: int) -> int:
 class PrefixIndex:
     """The tokens held by the rows of free slots, by slot, each with when it was freed (see the module doc)."""
 
-    def __init__(self, min_tokens: int = CACHED_PREFIX_MIN):
+    def __init__(self, min_tokens: int = CACHED_PREFIX_MIN, dynamic_context: int | None = None):
         self.min_tokens = max(1, min_tokens)
+        self.dynamic_context = dynamic_context
         self._held: dict[int, tuple[list[int], int]] = {}  # slot -> (tokens at positions [0, n), freed at)
         self._clock = itertools.count()
 
     def __len__(self) -> int:
         return len(self._held)
+
+    def tokens(self, prompt: list[int], generated: list[int], pos: int) -> list[int]:
+        """What a row holds that may be reused: its first `pos` tokens (prompt, then generated ones fed back)."""
+        if self.dynamic_context is not None and len(prompt) > self.dynamic_context:
+            return []  # computed past the trained context: rotated by that prompt's own length
+        return prompt[:pos] if pos <= len(prompt) else prompt + generated[:pos - len(prompt)]
 
     def held(self, slot: int) -> list[int]:
         """The tokens a free slot's row holds ([] when none are known)."""
@@ -83,7 +92,7 @@ class PrefixIndex:
         """(slot, n): the row whose held tokens share the longest prefix with `ids` (at most `limit` tokens,
         at least `min_tokens`), or (None, 0). `live` gives the tokens held by running rows, by slot. Among
         equals, the least recently freed slot wins (it is the next to overwrite), then a running row."""
-        if limit < self.min_tokens:
+        if limit < self.min_tokens or (self.dynamic_context is not None and len(ids) > self.dynamic_context):
             return None, 0
         head = ids[:self.min_tokens]
         best_slot, best_n = None, 0

@@ -10,18 +10,20 @@ are prefilled into free slots (`forward_last` with one part per contiguous run o
 prompt). Decoding is bound by reading the weights, prefill by arithmetic, so the decoding rows ride along with a
 prefill almost for free instead of waiting for it. Each row is a `Sequence` (its own sampler, stops and
 max_new_tokens); a finished slot takes the next waiting prompt at the next step, and when none is waiting the
-last active row moves into a hole so the active rows stay 0..n-1 (one attention call per layer). A prompt prefix
+last active row moves into a hole so the active rows stay one run of slots (one attention call per layer). A prompt prefix
 shared by every prompt of a job (a system prompt, a few-shot header) can be prefilled once (`share_prefix`);
 each new row that starts with it copies its keys/values and prefills only the rest. `add_choices` queues n
 requests on one prompt (OpenAI's `n`): they are admitted together, the first row prefills the prompt, the others
 copy its keys/values and start from the same logits, so each choice is what a single run with its seed gives.
 
 Across requests (`prefix_cache`, on by default): a finished or cancelled row leaves its keys/values in its slot
-until the slot is needed (`PrefixIndex`, least recently freed overwritten first), and a new prompt that starts
-with tokens some row holds (a running one's or a freed one's: the same system prompt, a conversation's earlier
-turns resent) is admitted into that freed slot, or gets those positions copied from the running row, and
-prefills only the rest; at least its last token, whose logits it needs. Its `prefill_tokens` (and `cached_tokens`
-here) count what was reused. Compaction swaps a freed slot's rows out of the way instead of overwriting them.
+until the slot is needed (`PrefixIndex`: least recently freed overwritten first), and a new prompt that starts
+with at least CACHED_PREFIX_MIN tokens some row holds (a running or a freed one: the same system prompt, a
+conversation's earlier turns resent) gets those positions copied into its slot, or is admitted into the freed
+donor's slot itself (see `_admit`), and prefills only the rest: at least its last token, whose logits it needs.
+Its `prefill_tokens` (and the scheduler's `cached_tokens`) count what was reused. Compaction swaps a freed row
+out of the way instead of overwriting it. Reused keys/values are those a single run computes, up to float
+summation order, as with batching itself.
 """
 
 from __future__ import annotations
@@ -114,7 +116,8 @@ class Scheduler:
         self._ids = itertools.count()
         self._cancelled: set[int] = set()
         self._prefix: tuple[list[int], KVCache | None] = ([], None)
-        self.index = PrefixIndex() if prefix_cache else None  # what freed slots' rows hold (None: no reuse)
+        dynamic = engine.config.max_seq_len if engine.config.rope_type == "dynamic" else None
+        self.index = PrefixIndex(dynamic_context=dynamic) if prefix_cache else None  # None: no reuse
         self.cached_tokens = 0  # prompt tokens taken from the cache instead of prefilled (the server's metric)
 
     # -- requests --------------------------------------------------------------------------------------
@@ -208,34 +211,22 @@ class Scheduler:
             self._compact()
         return events
 
-    def _held(self, row: _Row) -> list[int]:
-        """The tokens whose keys/values a running row's cache row holds and a new prompt may reuse."""
-        pos, n_prompt = row.seq.pos, len(row.ids)
-        held = row.ids[:pos] if pos <= n_prompt else row.ids + row.seq.token_ids[:pos - n_prompt]
-        cfg = self.engine.config
-        if cfg.rope_type == "dynamic":  # past the context, dynamic NTK rotates by the forward's length
-            return [] if n_prompt > cfg.max_seq_len else held[:cfg.max_seq_len]
-        return held
-
     def _live(self) -> dict[int, list[int]]:
         """The tokens each running row holds, by slot (none without the prefix cache)."""
         if self.index is None:
             return {}
-        return {i: self._held(row) for i, row in enumerate(self.slots) if row is not None}
+        return {i: self.index.tokens(r.ids, r.seq.token_ids, r.seq.pos) for i, r in enumerate(self.slots) if r}
 
     def _free(self, slot: int, row: _Row) -> None:
         """A row ended: its slot is free, and its keys/values stay for a later prompt to reuse."""
         self.slots[slot] = None
         if self.index is not None:
-            self.index.keep(slot, self._held(row))
+            self.index.keep(slot, self.index.tokens(row.ids, row.seq.token_ids, row.seq.pos))
 
     def _donor(self, row: _Row, live: dict[int, list[int]]) -> tuple[int | None, int]:
-        """(slot, n): the cache row holding the longest prefix of the row's prompt (None, 0 when none is
-        worth it). The last prompt token is always prefilled; past a dynamic NTK context nothing is reused."""
-        cfg = self.engine.config
-        if self.index is None or (cfg.rope_type == "dynamic" and len(row.ids) > cfg.max_seq_len):
-            return None, 0
-        return self.index.best(row.ids, live, len(row.ids) - 1)
+        """(slot, n): the cache row holding the longest prefix of the row's prompt, never its last token
+        (None, 0 when none is worth it)."""
+        return (None, 0) if self.index is None else self.index.best(row.ids, live, len(row.ids) - 1)
 
     def _admit(self, admitted: list[int], live: dict[int, list[int]]) -> dict[int, _Row]:
         """Take the admitted prompts from the queue into the planned slots (eviction order); returns {slot: row}.
