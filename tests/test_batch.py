@@ -931,6 +931,25 @@ def test_freed_rows_are_overwritten_least_recently_freed_first_and_survive_compa
         assert got.token_ids == engine.generate(ids, short).token_ids
 
 
+def test_a_donor_row_overwritten_in_the_same_step_is_copied_first(engine):
+    """Two prompts admitted together: y's donor is b's freed row, x (no donor) takes b's slot. y's positions are
+    copied (into the least recently freed slot, a's) before x's prefill overwrites b's row."""
+    from llamacli.generation import Scheduler
+
+    sched = Scheduler(engine, 2, 128)
+    req = Request(max_new_tokens=4, ignore_eos=True)
+    b_ids = list(range(300, 330)) + [6]
+    run_one(sched, SYSTEM + [5], req)  # slot 0
+    run_one(sched, b_ids, req)  # slot 1 (it held nothing)
+    x_ids, y_ids = list(range(200, 230)), b_ids[:30] + [9, 9]
+    x, y = sched.add(x_ids, req), sched.add(y_ids, req)
+    done = run_all(sched)
+    assert sched.steps == 2 * 4 + 4  # x and y ran together
+    assert done[y].stats.prefill_tokens == 2 and done[x].stats.prefill_tokens == len(x_ids)
+    assert done[y].token_ids == engine.generate(y_ids, req).token_ids
+    assert done[x].token_ids == engine.generate(x_ids, req).token_ids
+
+
 def test_n_choices_admitted_into_a_freed_rows_slot_each_equal_their_single_run(engine):
     """The prompt's donor is the slot freed first, which comes after the others: the choices' slots come
     before their leader's, and still copy its prefill and logits."""

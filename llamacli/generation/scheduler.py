@@ -201,7 +201,7 @@ class Scheduler:
         free = [i for i, s in enumerate(self.slots) if s is None]
         if self.index is not None:
             free = self.index.eviction_order(free)
-        live = self._live()
+        live = self._live() if free and self.waiting else {}
         admitted = plan_admissions(free, (len(w.ids) - max(w.prefix, self._donor(w, live)[1]) for w in self.waiting),
                                    self.prefill_budget, (1 + len(w.followers) for w in self.waiting))
         new = self._admit(admitted, live)
