@@ -554,9 +554,12 @@ def test_smollm2_chat_stream_and_concurrency(smollm2_dir):
         s = Served(urls[0], worker, server)
         asks = ["What is the capital of France?", "Name a colour.", "Say hello.", "Count to three."]
         msgs = [[{"role": "user", "content": a}] for a in asks]
-        one = [s.client.chat.completions.create(model=NAME, messages=m, max_tokens=16).choices[0].message.content
-               for m in msgs]
+        answers = [s.client.chat.completions.create(model=NAME, messages=m, max_tokens=16) for m in msgs]
+        one = [r.choices[0].message.content for r in answers]
         assert "Paris" in one[0]
+        # The template's default system prompt comes from the cache after the first request; the text does not
+        # change (the engine recomputes every prompt).
+        assert all(r.usage.prompt_tokens_details.cached_tokens >= 16 for r in answers[1:])
         assert one == [smol.generate(smol.chat_ids(m), Request(max_new_tokens=16)).text for m in msgs]
         with ThreadPoolExecutor(4) as pool:
             together = list(pool.map(lambda m: s.client.chat.completions.create(
