@@ -8,10 +8,10 @@ asyncio httpx streams in this process, each sending the exact token ids of one p
 usage included) and taking the next prompt when it is done. Per level: aggregate generated tokens/s (wall time
 from the first request to the last [DONE]), time to first token p50/p95 (request sent -> first chunk with
 text), inter-token latency p50/p95 (between a stream's text chunks) and the prompt tokens the server took from
-its prefix cache (usage.prompt_tokens_details.cached_tokens) of all prompt tokens sent. The reference is the same prompts
-through the batch scheduler at batch size 8 in this process (what `generate --prompts-file --batch-size 8`
-runs), measured in the same run; the table gives the ratio. Targets: 8 clients >= 90% of it, TTFT p95 at 8
-clients < 3x the single client's.
+its prefix cache (usage.prompt_tokens_details.cached_tokens) of all prompt tokens sent. The reference is the
+same prompts through the batch scheduler at batch size 8 in this process (what `generate --prompts-file
+--batch-size 8` runs), measured in the same run; the table gives the ratio. Targets: 8 clients >= 90% of it,
+TTFT p95 at 8 clients < 3x the single client's.
 """
 
 from __future__ import annotations

@@ -10,11 +10,12 @@ are prefilled into free slots (`forward_last` with one part per contiguous run o
 prompt). Decoding is bound by reading the weights, prefill by arithmetic, so the decoding rows ride along with a
 prefill almost for free instead of waiting for it. Each row is a `Sequence` (its own sampler, stops and
 max_new_tokens); a finished slot takes the next waiting prompt at the next step, and when none is waiting the
-last active row moves into a hole so the active rows stay one run of slots (one attention call per layer). A prompt prefix
-shared by every prompt of a job (a system prompt, a few-shot header) can be prefilled once (`share_prefix`);
-each new row that starts with it copies its keys/values and prefills only the rest. `add_choices` queues n
-requests on one prompt (OpenAI's `n`): they are admitted together, the first row prefills the prompt, the others
-copy its keys/values and start from the same logits, so each choice is what a single run with its seed gives.
+last active row moves into a hole so the active rows stay one run of slots (one attention call per layer). A
+prompt prefix shared by every prompt of a job (a system prompt, a few-shot header) can be prefilled once
+(`share_prefix`); each new row that starts with it copies its keys/values and prefills only the rest.
+`add_choices` queues n requests on one prompt (OpenAI's `n`): they are admitted together, the first row
+prefills the prompt, the others copy its keys/values and start from the same logits, so each choice is what a
+single run with its seed gives.
 
 Across requests (`prefix_cache`, on by default): a finished or cancelled row leaves its keys/values in its slot
 until the slot is needed (`PrefixIndex`: least recently freed overwritten first), and a new prompt that starts

@@ -1,8 +1,9 @@
 """The engine thread: ONE thread loads the `Engine` and owns it and an open `Scheduler`; the HTTP side talks to it
 only through a thread-safe inbox (add, cancel, stop) and gets each request's events back on an asyncio queue fed
 with `loop.call_soon_threadsafe`. Requests join the running batch as slots free up (continuous batching across
-requests), and reuse the keys/values earlier requests left in the cache (the scheduler's prefix cache). The waiting queue is bounded (`QueueFull` beyond it); a cancelled request's slot is freed at the next
-step; `shutdown` drains the running requests for a bounded time, then cancels the rest.
+requests) and reuse the keys/values earlier requests left in the cache (the scheduler's prefix cache). The
+waiting queue is bounded (`QueueFull` beyond it); a cancelled request's slot is freed at the next step;
+`shutdown` drains the running requests for a bounded time, then cancels the rest.
 """
 
 from __future__ import annotations
