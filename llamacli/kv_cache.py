@@ -150,6 +150,14 @@ class KVCache:
         """Copy row src's positions [0, n_positions) into row dst (every layer); row src is left as it was."""
         self.copy_prefix(dst, self, src, n_positions)
 
+    def swap_rows(self, a: int, b: int, n_a: int, n_b: int) -> None:
+        """Exchange rows a and b: row a's positions [0, n_a) go to row b, row b's [0, n_b) to row a."""
+        for layer in range(len(self.keys)):
+            for ta, tb in zip(self.row(layer, a), self.row(layer, b)):
+                saved = ta[:, :n_a].clone()
+                ta[:, :n_b] = tb[:, :n_b]
+                tb[:, :n_a] = saved
+
 
 def causal_mask(start_pos: int | torch.Tensor, T: int, end: int, device: torch.device) -> torch.Tensor | None:
     """Boolean mask (True = attend): query i at position start_pos + i sees keys at positions <= its own.

@@ -88,7 +88,7 @@ def load_model(folder: str | Path, dtype: str = "auto", device: str = "auto", co
     """
     folder = Path(folder)
     config = config or load_config(folder)
-    quant = _quantization(folder, quantize, group_size)
+    quant = load_quantization(folder, quantize, group_size)
     dev = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, dev, config)
     # Headers against the config first: a config claiming 10**6 layers must not build 10**6 modules.
@@ -163,8 +163,10 @@ def check_quantize(quantize: str | None, group_size: int | None) -> quantization
     return quantization.Quantization(4, group)
 
 
-def _quantization(folder: Path, quantize: str | None, group_size: int | None) -> quantization.Quantization | None:
-    """The quantization a load ends up in: the checkpoint's own, or --quantize's (UsageError for a bad mix)."""
+def load_quantization(folder: str | Path, quantize: str | None,
+                      group_size: int | None) -> quantization.Quantization | None:
+    """The quantization a load ends up in (None: float weights): the checkpoint's own, or --quantize's
+    (UsageError for a bad value or mix: --quantize on a quantized checkpoint). Reads config.json only."""
     asked, stored = check_quantize(quantize, group_size), quantization.read_quantization(folder)
     if asked is not None and stored is not None:
         raise UsageError(f"{folder} is already quantized ({stored.describe()}); load it without --quantize")

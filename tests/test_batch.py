@@ -60,9 +60,9 @@ def assert_same(batch, single):
 # -- the engine ----------------------------------------------------------------------------------------------
 
 
-def run_scheduled(engine, items, batch_size, prefill_budget=PREFILL_TOKENS_PER_STEP):
+def run_scheduled(engine, items, batch_size, prefill_budget=PREFILL_TOKENS_PER_STEP, prefix_cache=True):
     """(scheduler, results by key) of a batch job, keeping the scheduler to read its counters."""
-    scheduler = scheduler_for(engine, items, batch_size, prefill_budget)
+    scheduler = scheduler_for(engine, items, batch_size, prefill_budget, prefix_cache)
     return scheduler, dict(generate_batch(engine, items, scheduler=scheduler))
 
 
@@ -164,9 +164,11 @@ def test_cost_benchmark_replays_the_schedule_forward_by_forward(engine, monkeypa
     assert seconds == pytest.approx(len(seen) / 1e3)
 
 
-def test_a_prefix_all_prompts_share_is_prefilled_once(engine, monkeypatch):
+@pytest.mark.parametrize("prefix_cache", [False, True])
+def test_a_prefix_all_prompts_share_is_prefilled_once(engine, monkeypatch, prefix_cache):
     """A shared header (system prompt, few-shot examples) is computed once; each row copies its keys/values and
-    prefills only its own tokens, with the same results as one-at-a-time runs."""
+    prefills only its own tokens, with the same results as one-at-a-time runs. With the prefix cache, the rows
+    admitted once the first two have run reuse the 20 header tokens those rows hold."""
     header = list(range(100, 100 + 20))
     tails = [[5, 6, 7], [8], list(range(30, 45)), [9, 10]]
     items = [(k, header + tail, Request(max_new_tokens=8, ignore_eos=True)) for k, tail in enumerate(tails)]
@@ -179,14 +181,17 @@ def test_a_prefix_all_prompts_share_is_prefilled_once(engine, monkeypatch):
         return forward_last(parts)
 
     monkeypatch.setattr(engine.model, "forward_last", record)
-    decoder, results = run_scheduled(engine, items, 2)
-    # Every prompt is prefilled from position 19 on: its own tail (and the header's 20th token for the first four).
-    assert sorted(seen) == sorted([((1, 1 + len(tail)), 19) for tail in tails] + [((1, 2), 19)])
+    decoder, results = run_scheduled(engine, items, 2, prefix_cache=prefix_cache)
+    # Every prompt is prefilled from position 19 on: its own tail (and the header's 20th token for the first four);
+    # with the prefix cache, rows 2 and 3 from position 20 on, copied from rows 0 and 1.
+    starts = [19, 19, 20, 20, 19] if prefix_cache else [19] * 5
+    assert sorted(seen) == sorted(((1, len(ids) - start), start) for (_, ids, _), start in zip(items, starts))
+    assert decoder.cached_tokens == sum(starts)
     monkeypatch.setattr(engine.model, "forward_last", forward_last)
-    for key, ids, req in items:
+    for (key, ids, req), start in zip(items, starts):
         assert results[key].token_ids == engine.generate(ids, req).token_ids
         assert results[key].stats.prompt_tokens == len(ids)
-        assert results[key].stats.prefill_tokens == len(ids) - 19
+        assert results[key].stats.prefill_tokens == len(ids) - start
 
 
 def test_a_short_shared_prefix_is_not_worth_a_separate_prefill(engine):
@@ -214,6 +219,13 @@ def test_no_prefix_reuse_past_a_dynamic_ntk_context(tmp_path):
     for key, ids, req in items:
         assert results[key].stats.prefill_tokens == len(ids)
         assert results[key].token_ids == dyn.generate(ids, req).token_ids
+    # Prompts within the context reuse what rows hold within it (rows decode past it: those positions do not).
+    items = [(k, header + [30 + k], Request(max_new_tokens=8, ignore_eos=True)) for k in range(3)]
+    items.append((3, header + [30] + dyn.generate(header + [30], items[0][2]).token_ids[:2], items[0][2]))
+    results = dict(generate_batch(dyn, items, scheduler=scheduler_for(dyn, items, 2)))
+    for key, ids, req in items:
+        assert results[key].token_ids == dyn.generate(ids, req).token_ids
+    assert [results[k].stats.prefill_tokens for k in range(4)] == [1, 1, 1, 1]  # row 3: 22 from row 0
 
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
 def test_half_precision_batches_of_many_rows_run(chat_dir, dtype):
@@ -800,6 +812,161 @@ def test_dynamic_rope_rows_past_the_trained_length_do_not_depend_on_their_batch_
         results = dict(dyn.stream_batch(items, 2))
         for key, ids, req in items:
             assert results[key].token_ids == dyn.generate(ids, req).token_ids, (runtime, key)
+
+# -- the prefix cache across requests -------------------------------------------------------------------------
+
+SYSTEM = list(range(100, 140))  # a 40-token "system prompt"
+
+
+def run_one(sched, ids, req):
+    """Add one request to a scheduler and step it until that request finishes; its Finished."""
+    from llamacli.generation import Finished
+
+    sid = sched.add(ids, req)
+    while True:
+        for s, e in sched.step():
+            if s == sid and isinstance(e, Finished):
+                return e
+
+
+def run_all(sched):
+    """Step until idle; {id: Finished}."""
+    from llamacli.generation import Finished
+
+    done = {}
+    while not sched.idle:
+        done.update((sid, e) for sid, e in sched.step() if isinstance(e, Finished))
+    return done
+
+
+def test_prefix_index_is_pure_bookkeeping():
+    from llamacli.generation.prefix_cache import PrefixIndex, common_prefix
+
+    a = list(range(50))
+    assert [common_prefix(a, b, lim) for b, lim in [(a, 99), (a, 10), (a[:7] + [0], 99), ([], 9), (a, 0), (a, -1)]] \
+        == [50, 10, 7, 0, 0, 0]
+    index = PrefixIndex(min_tokens=4)
+    index.keep(3, a[:20])
+    index.keep(1, a[:30])
+    index.keep(0, a[:3])  # too short to keep
+    assert len(index) == 2 and index.held(0) == [] and index.eviction_order([0, 1, 2, 3]) == [0, 2, 3, 1]
+    ids = a[:25] + [99]
+    assert index.best(ids, {}, len(ids) - 1) == (1, 25)
+    assert index.best(a[:18] + [99], {}, 18) == (3, 18)  # a tie: the least recently freed slot
+    assert index.best(ids, {5: a[:40]}, len(ids) - 1) == (1, 25)  # a tie: the freed slot before a running row
+    assert index.best(ids, {5: a[:40]}, 3) == (None, 0)  # under the minimum
+    index.touch(3)
+    assert index.eviction_order([1, 3]) == [1, 3]
+    index.swap(1, 2)
+    assert index.held(2) == a[:30] and index.held(1) == []
+    index.drop(2)
+    assert index.best(ids, {}, 25) == (3, 20)
+    dyn = PrefixIndex(min_tokens=4, dynamic_context=24)
+    assert dyn.tokens(a[:20], [7, 8, 9], 22) == a[:20] + [7, 8] and dyn.tokens(a[:25], [7], 25) == []
+    dyn.keep(0, a[:20])
+    assert dyn.best(a[:24], {}, 23) == (0, 20) and dyn.best(a[:25], {}, 24) == (None, 0)
+
+
+def test_a_freed_rows_cache_serves_the_next_prompt_that_starts_like_it(engine):
+    """Requests one after another: the same prompt again, a conversation resent with its answer, another
+    question after the same system prompt. Each prefills only what the freed row does not hold (always its last
+    token), and gets exactly the tokens of a run with the prefix cache off and of a single run."""
+    from llamacli.generation import Scheduler
+
+    req = Request(max_new_tokens=6, ignore_eos=True)
+    on, off = Scheduler(engine, 2, 128), Scheduler(engine, 2, 128, prefix_cache=False)
+    a_ids = SYSTEM + [5, 6, 7]
+    first = run_one(on, a_ids, req)
+    assert first.stats.prefill_tokens == len(a_ids) and on.cached_tokens == 0
+    again = run_one(on, a_ids, req)
+    assert again.stats.prefill_tokens == 1 and again.token_ids == first.token_ids
+    turn = a_ids + first.token_ids + [9, 10]  # the answer's last token was never fed: it is prefilled again
+    asks = [(turn, len(a_ids) + len(first.token_ids) - 1), (SYSTEM + [8], len(SYSTEM)),
+            (list(range(100, 115)) + [9, 9, 9], 0)]  # 15 common tokens: too few to reuse
+    for ids, cached in asks:
+        got, plain = run_one(on, ids, req), run_one(off, ids, req)
+        assert got.stats.prompt_tokens - got.stats.prefill_tokens == cached, ids
+        assert plain.stats.prefill_tokens == len(ids)
+        assert got.token_ids == plain.token_ids == engine.generate(ids, req).token_ids
+        assert got.text == plain.text
+    assert on.cached_tokens == len(a_ids) - 1 + sum(c for _, c in asks) and off.cached_tokens == 0
+
+
+def test_a_running_or_cancelled_rows_keys_are_copied_for_a_prompt_that_starts_like_it(engine):
+    from llamacli.generation import Scheduler
+
+    sched = Scheduler(engine, 3, 128)
+    long_req = Request(max_new_tokens=30, ignore_eos=True)
+    running = sched.add(SYSTEM + [5], long_req)
+    sched.step()
+    sched.step()
+    other = sched.add(SYSTEM + [6, 7], Request(max_new_tokens=8, ignore_eos=True))
+    sched.step()  # the new row's first 40 positions are copied from the running row's
+    sched.cancel(running)
+    sched.step()
+    late = sched.add(SYSTEM + [9], Request(max_new_tokens=5, ignore_eos=True))  # the cancelled row's cache serves
+    done = run_all(sched)
+    assert sched.cached_tokens == 2 * len(SYSTEM)
+    for sid, ids, n in [(other, SYSTEM + [6, 7], 8), (late, SYSTEM + [9], 5)]:
+        assert done[sid].stats.prefill_tokens == len(ids) - len(SYSTEM)
+        assert done[sid].token_ids == engine.generate(ids, Request(max_new_tokens=n, ignore_eos=True)).token_ids
+
+
+def test_freed_rows_are_overwritten_least_recently_freed_first_and_survive_compaction(engine):
+    from llamacli.generation import Scheduler
+
+    sched = Scheduler(engine, 3, 128)
+    p_ids, q_ids, r_ids = SYSTEM + [5], list(range(300, 330)) + [6], list(range(200, 230)) + [7]
+    short, long_req = Request(max_new_tokens=2, ignore_eos=True), Request(max_new_tokens=12, ignore_eos=True)
+    sched.add(r_ids, long_req)  # slot 0
+    sched.add(p_ids, short)  # slot 1: freed first, then the row in slot 2 moves into it (the rows swap)
+    sched.add(q_ids, long_req)  # slot 2
+    run_all(sched)
+    # p's row survived the move (its slot is the least recently freed: p goes back there); then each prompt
+    # without a donor overwrites the least recently freed row: r's, then (after q reused its own) p's.
+    unrelated = list(range(240, 270))
+    for ids, cached in [(p_ids, 40), (unrelated, 0), (q_ids, 30), (r_ids, 0), (p_ids, 0)]:
+        got = run_one(sched, ids, short)
+        assert got.stats.prompt_tokens - got.stats.prefill_tokens == cached, ids
+        assert got.token_ids == engine.generate(ids, short).token_ids
+
+
+def test_a_donor_row_overwritten_in_the_same_step_is_copied_first(engine):
+    """Two prompts admitted together: y's donor is b's freed row, x (no donor) takes b's slot. y's positions are
+    copied (into the least recently freed slot, a's) before x's prefill overwrites b's row."""
+    from llamacli.generation import Scheduler
+
+    sched = Scheduler(engine, 2, 128)
+    req = Request(max_new_tokens=4, ignore_eos=True)
+    b_ids = list(range(300, 330)) + [6]
+    run_one(sched, SYSTEM + [5], req)  # slot 0
+    run_one(sched, b_ids, req)  # slot 1 (it held nothing)
+    x_ids, y_ids = list(range(200, 230)), b_ids[:30] + [9, 9]
+    x, y = sched.add(x_ids, req), sched.add(y_ids, req)
+    done = run_all(sched)
+    assert sched.steps == 2 * 4 + 4  # x and y ran together
+    assert done[y].stats.prefill_tokens == 2 and done[x].stats.prefill_tokens == len(x_ids)
+    assert done[y].token_ids == engine.generate(y_ids, req).token_ids
+    assert done[x].token_ids == engine.generate(x_ids, req).token_ids
+
+
+def test_n_choices_admitted_into_a_freed_rows_slot_each_equal_their_single_run(engine):
+    """The prompt's donor is the slot freed first, which comes after the others: the choices' slots come
+    before their leader's, and still copy its prefill and logits."""
+    from llamacli.generation import Scheduler
+
+    sched = Scheduler(engine, 3, 128)
+    sched.add([5, 6, 7], Request(max_new_tokens=6, ignore_eos=True))
+    sched.add([8, 9], Request(max_new_tokens=6, ignore_eos=True))
+    sched.add(SYSTEM + [10], Request(max_new_tokens=2, ignore_eos=True))
+    run_all(sched)
+    ids = SYSTEM + [11, 12]
+    reqs = [Request(max_new_tokens=8, sampling=SamplingParams(temperature=1.2), seed=s) for s in (1, 2, 3)]
+    sids = sched.add_choices(ids, reqs)
+    done = run_all(sched)
+    assert [done[s].stats.prefill_tokens for s in sids] == [2, 0, 0]
+    assert [done[s].token_ids for s in sids] == [engine.generate(ids, r).token_ids for r in reqs]
+
 
 # -- what the server needs: penalties, top logprobs, n choices of one prompt -----------------------------------
 

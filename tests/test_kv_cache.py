@@ -116,6 +116,21 @@ def test_copy_prefix_and_move_row_copy_positions_of_every_layer(source_last, des
         assert not k[:, 4:].any()
 
 
+@pytest.mark.parametrize("positions_last", [False, True])
+def test_swap_rows_exchanges_their_positions_in_every_layer(positions_last):
+    cache = KVCache(CFG, 3, 10, positions_last=positions_last)
+    for layer in range(CFG.n_layers):
+        cache.keys[layer].normal_()
+        cache.values[layer].normal_()
+    before = [[t.clone() for t in cache.row(layer, r)] for layer in range(CFG.n_layers) for r in (0, 2)]
+    cache.swap_rows(0, 2, 6, 3)  # row 0 holds 6 positions, row 2 holds 3
+    for layer in range(CFG.n_layers):
+        (k0, v0), (k2, v2) = before[2 * layer], before[2 * layer + 1]
+        (n0, w0), (n2, w2) = cache.row(layer, 0), cache.row(layer, 2)
+        assert torch.equal(n2[:, :6], k0[:, :6]) and torch.equal(w2[:, :6], v0[:, :6])
+        assert torch.equal(n0[:, :3], k2[:, :3]) and torch.equal(w0[:, :3], v2[:, :3])
+
+
 def test_causal_mask_is_offset_by_start_pos():
     """Queries at positions 2..4 over keys 0..4 see their own position and before (not SDPA's upper-left
     alignment); per-row positions give one mask per row; one query at an int position needs none."""

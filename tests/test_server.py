@@ -142,13 +142,45 @@ def test_chat_non_stream_and_stream_equal_the_engine(served, ref):
     finishes = [c["choices"][0]["finish_reason"] for c in chunks if c["choices"][0]["finish_reason"]]
     assert finishes == [want.reason] and chunks[-1]["choices"][0]["finish_reason"] == want.reason
     assert "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks) == want.text
+    # The same prompt again: all but its last token come from the cache the first request left.
     assert usage_chunk["choices"] == [] and usage_chunk["usage"] == r.usage.model_dump(exclude_none=True) | {
-        "prompt_tokens_details": {"cached_tokens": 0}}
+        "prompt_tokens_details": {"cached_tokens": len(ids) - 1}}
     assert all(c["usage"] is None for c in chunks)
     # Without include_usage: no usage chunk, no usage key.
     with served.http.stream("POST", "/v1/chat/completions", json={**body, "stream_options": None}) as resp:
         plain = sse_events(resp)
     assert all("usage" not in c for c in plain[:-1]) and plain[-2]["choices"][0]["finish_reason"] == want.reason
+
+
+def test_a_long_system_prompt_is_served_from_the_cache(served, ref):
+    """Requests after the same system prompt (and a conversation resent with its answer) prefill only what the
+    cache does not hold: usage says how much came from it, streamed or not, and the metric counts it; the text
+    is the engine's, which recomputes everything."""
+    from llamacli.generation.prefix_cache import common_prefix
+
+    system = {"role": "system", "content": "You are a patient assistant."}
+    first = [system, {"role": "user", "content": "a river?"}]
+    ids1 = ref.chat_ids(first)
+    r1 = served.client.chat.completions.create(model=NAME, messages=first, max_tokens=8)
+    cached_before = served.metric("llamacli_prompt_tokens_cached_total")
+    second = [system, {"role": "user", "content": "a lake?"}]
+    ids2 = ref.chat_ids(second)
+    shared = common_prefix(ids1, ids2, len(ids2) - 1)
+    assert shared > 16
+    r2 = served.client.chat.completions.create(model=NAME, messages=second, max_tokens=8)
+    assert r2.usage.prompt_tokens_details.cached_tokens == shared
+    assert r2.choices[0].message.content == run(ref, ids2, 8).text
+    turn = [*first, {"role": "assistant", "content": r1.choices[0].message.content},
+            {"role": "user", "content": "more"}]
+    ids3 = ref.chat_ids(turn)
+    body = {"model": NAME, "messages": turn, "max_tokens": 8, "stream": True, "stream_options": {"include_usage": True}}
+    with served.http.stream("POST", "/v1/chat/completions", json=body) as resp:
+        events = sse_events(resp)
+    text = "".join(c["choices"][0]["delta"].get("content") or "" for c in events[:-2])
+    cached = events[-2]["usage"]["prompt_tokens_details"]["cached_tokens"]
+    assert text == run(ref, ids3, 8).text
+    assert cached >= common_prefix(ids1, ids3, len(ids3) - 1) > shared  # the first turn, at least
+    assert served.metric("llamacli_prompt_tokens_cached_total") == cached_before + shared + cached
 
 
 def test_completions_with_the_openai_client(served, ref):
@@ -451,6 +483,65 @@ def test_serve_refuses_a_bad_key_file_and_a_busy_port(tiny_chat_dir, tmp_path):
     assert len(r.stderr.strip().splitlines()) == 1
 
 
+def start_serve(*args: str) -> tuple[subprocess.Popen, str, str]:
+    """`python -m llamacli serve ARGS --port 0`: (the process, its URL, its startup line)."""
+    proc = subprocess.Popen([sys.executable, "-m", "llamacli", "serve", *args, "--port", "0"], cwd=ROOT,
+                            stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    line = proc.stderr.readline()
+    m = re.search(r"at (http://127\.0\.0\.1:\d+)/v1", line)
+    if not m:
+        proc.kill()
+    assert m, line + proc.stderr.read()
+    return proc, m.group(1), line
+
+
+def test_serve_quantized_weights_answer_as_the_quantized_engine(tiny_chat_dir):
+    int8 = Engine.load(tiny_chat_dir, dtype="float32", device="cpu", quantize="int8")
+    messages = [{"role": "user", "content": "tell me about the moon"}]
+    want = int8.generate(int8.chat_ids(messages), Request(max_new_tokens=10))
+    proc, url, line = start_serve("--model", str(tiny_chat_dir), "--quantize", "int8", "--context", "128",
+                                  "--no-prefix-cache", "--model-name", "q")
+    try:
+        assert "int8 per row weights" in line
+        client = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0)
+        for _ in range(2):  # with --no-prefix-cache, the same prompt again is prefilled whole
+            r = client.chat.completions.create(model="q", messages=messages, max_tokens=10)
+            assert r.choices[0].message.content == want.text
+            assert r.usage.prompt_tokens_details.cached_tokens == 0
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(HANG) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
+def test_serve_refuses_bad_quantize_options_with_one_line(tiny_chat_dir, tmp_path):
+    from llamacli import quantization
+    from llamacli.quant.checkpoint import write_quantized
+
+    quantized = write_quantized(tiny_chat_dir, tmp_path / "q8", quantization.Quantization(8))
+    for args, message in [(["--quantize", "int4", "--group-size", "48"], "--group-size 48 is not supported"),
+                          (["--quantize", "int8", "--group-size", "32"], "--group-size applies to --quantize int4"),
+                          (["--group-size", "64"], "--group-size applies to --quantize int4 only"),
+                          (["--model", str(quantized), "--quantize", "int8"], "is already quantized (int8 per row)")]:
+        model = [] if "--model" in args else ["--model", str(tiny_chat_dir)]
+        r = subprocess.run([sys.executable, "-m", "llamacli", "serve", *model, *args, "--port", "0"], cwd=ROOT,
+                           capture_output=True, text=True, timeout=HANG)
+        assert r.returncode == 2, (args, r.stderr)
+        assert r.stderr.startswith("error: ") and r.stderr.count("\n") == 1 and message in r.stderr, r.stderr
+
+
+def test_serve_help_says_batched_serving_decodes_normally():
+    r = subprocess.run([sys.executable, "-m", "llamacli", "serve", "--help"], cwd=ROOT, capture_output=True,
+                       text=True, timeout=HANG, env={**os.environ, "COLUMNS": "200"})
+    assert r.returncode == 0
+    assert "no speculative decoding" in " ".join(r.stdout.split())
+    assert "--quantize" in r.stdout and "--group-size" in r.stdout
+    r = subprocess.run([sys.executable, "-m", "llamacli", "serve", "--model", "x", "--draft-model", "y"], cwd=ROOT,
+                       capture_output=True, text=True, timeout=HANG)
+    assert r.returncode == 2 and "--draft-model" in r.stderr and r.stderr.count("\n") == 1
+
+
 # -- the real model ----------------------------------------------------------------------------------------------
 
 
@@ -463,9 +554,12 @@ def test_smollm2_chat_stream_and_concurrency(smollm2_dir):
         s = Served(urls[0], worker, server)
         asks = ["What is the capital of France?", "Name a colour.", "Say hello.", "Count to three."]
         msgs = [[{"role": "user", "content": a}] for a in asks]
-        one = [s.client.chat.completions.create(model=NAME, messages=m, max_tokens=16).choices[0].message.content
-               for m in msgs]
+        answers = [s.client.chat.completions.create(model=NAME, messages=m, max_tokens=16) for m in msgs]
+        one = [r.choices[0].message.content for r in answers]
         assert "Paris" in one[0]
+        # The template's default system prompt comes from the cache after the first request; the text does not
+        # change (the engine recomputes every prompt).
+        assert all(r.usage.prompt_tokens_details.cached_tokens >= 16 for r in answers[1:])
         assert one == [smol.generate(smol.chat_ids(m), Request(max_new_tokens=16)).text for m in msgs]
         with ThreadPoolExecutor(4) as pool:
             together = list(pool.map(lambda m: s.client.chat.completions.create(

@@ -7,8 +7,8 @@ from typing import Annotated, Optional
 
 import typer
 
-from llamacli.cli.app import (Device, DeviceOpt, Dtype, DtypeOpt, ModelOpt, RevisionOpt, TemplateOpt, TokenizerOpt,
-                              app, errors, note, resolve)
+from llamacli.cli.app import (Device, DeviceOpt, Dtype, DtypeOpt, GroupSizeOpt, ModelOpt, QuantizeOpt, RevisionOpt,
+                              TemplateOpt, TokenizerOpt, app, errors, note, resolve)
 from llamacli.errors import InputError, UsageError
 
 _SERVER = "Server"
@@ -63,6 +63,10 @@ def serve(
     context: Annotated[Optional[int], typer.Option(
         "--context", min=2, help="Positions per row: prompt + max tokens (default: the model's, at most 4096).",
         show_default=False, rich_help_panel=_SERVER)] = None,
+    prefix_cache: Annotated[bool, typer.Option(
+        "--prefix-cache/--no-prefix-cache", help="Reuse the keys/values of a prompt prefix still in the cache "
+                                                 "(rows of finished requests stay until their slot is needed).",
+        rich_help_panel=_SERVER)] = True,
     model_name: Annotated[Optional[str], typer.Option(
         "--model-name", help="The model id clients send and /v1/models lists (default: the folder's name).",
         show_default=False, rich_help_panel=_SERVER)] = None,
@@ -74,14 +78,26 @@ def serve(
         rich_help_panel=_SERVER)] = 30.0,
     dtype: DtypeOpt = Dtype.auto,
     device: DeviceOpt = Device.auto,
+    quantize: QuantizeOpt = None,
+    group_size: GroupSizeOpt = None,
     revision: RevisionOpt = None,
     tokenizer: TokenizerOpt = None,
     chat_template: TemplateOpt = None,
 ) -> None:
-    """Serve the model over the OpenAI HTTP API (chat and completions, streaming) with continuous batching."""
+    """Serve the model over the OpenAI HTTP API (chat and completions, streaming) with continuous batching.
+
+    Requests share the batch rows and decode normally: no speculative decoding (--draft-model and
+    --prompt-lookup belong to generate and chat). A prompt that starts like one still in the KV cache (the
+    same system prompt, a conversation's earlier turns) reuses those positions (usage.prompt_tokens_details).
+    """
     with errors():
         key = read_api_key(api_key, api_key_file)
+        from llamacli.weights import check_quantize, load_quantization
+
+        quant = quantize.value if quantize else None
+        check_quantize(quant, group_size)  # before a download or a conversion
         folder = resolve(model, revision, dtype)
+        quantization = load_quantization(folder, quant, group_size)  # before the port is taken
 
         from llamacli.generation import Engine
         from llamacli.server.app import bind, create_app, make_server
@@ -94,15 +110,17 @@ def serve(
 
         def load():
             return Engine.load(folder, dtype=dtype.value, device=device.value, tokenizer=tokenizer,
-                               chat_template=chat_template)
+                               chat_template=chat_template, quantize=quant, group_size=group_size)
 
         name = model_name or default_model_name(model)
-        worker = Worker(load, batch_size=batch_size, max_queue=max_queue, context=context).start()
+        worker = Worker(load, batch_size=batch_size, max_queue=max_queue, context=context,
+                        prefix_cache=prefix_cache).start()
         server_app = create_app(worker, name, api_key=key, cors_origins=tuple(cors_origin or ()))
 
         def announce(url: str) -> None:
+            weights = f", {quantization.describe()} weights" if quantization else ""
             note(f"serving {name!r} at {url}/v1 (batch {batch_size}, queue {max_queue}, context {worker.context}"
-                 f"{', API key required' if key else ''}); Ctrl-C to stop")
+                 f"{weights}{', API key required' if key else ''}); Ctrl-C to stop")
 
         server = make_server(server_app, worker, host, port, drain_s=drain_seconds, on_ready=announce)
         try:

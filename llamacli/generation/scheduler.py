@@ -10,11 +10,21 @@ are prefilled into free slots (`forward_last` with one part per contiguous run o
 prompt). Decoding is bound by reading the weights, prefill by arithmetic, so the decoding rows ride along with a
 prefill almost for free instead of waiting for it. Each row is a `Sequence` (its own sampler, stops and
 max_new_tokens); a finished slot takes the next waiting prompt at the next step, and when none is waiting the
-last active row moves into a hole so the active rows stay 0..n-1 (one attention call per layer). A prompt prefix
-shared by every prompt of a job (a system prompt, a few-shot header) can be prefilled once (`share_prefix`);
-each new row that starts with it copies its keys/values and prefills only the rest. `add_choices` queues n
-requests on one prompt (OpenAI's `n`): they are admitted together, the first row prefills the prompt, the others
-copy its keys/values and start from the same logits, so each choice is what a single run with its seed gives.
+last active row moves into a hole so the active rows stay one run of slots (one attention call per layer). A
+prompt prefix shared by every prompt of a job (a system prompt, a few-shot header) can be prefilled once
+(`share_prefix`); each new row that starts with it copies its keys/values and prefills only the rest.
+`add_choices` queues n requests on one prompt (OpenAI's `n`): they are admitted together, the first row
+prefills the prompt, the others copy its keys/values and start from the same logits, so each choice is what a
+single run with its seed gives.
+
+Across requests (`prefix_cache`, on by default): a finished or cancelled row leaves its keys/values in its slot
+until the slot is needed (`PrefixIndex`: least recently freed overwritten first), and a new prompt that starts
+with at least CACHED_PREFIX_MIN tokens some row holds (a running or a freed one: the same system prompt, a
+conversation's earlier turns resent) gets those positions copied into its slot, or is admitted into the freed
+donor's slot itself (see `_admit`), and prefills only the rest: at least its last token, whose logits it needs.
+Its `prefill_tokens` (and the scheduler's `cached_tokens`) count what was reused. Compaction swaps a freed row
+out of the way instead of overwriting it. Reused keys/values are those a single run computes, up to float
+summation order, as with batching itself.
 """
 
 from __future__ import annotations
@@ -30,6 +40,7 @@ from llamacli import prompts
 from llamacli.errors import UsageError
 from llamacli.kv_cache import KVCache
 from llamacli.request import Event, Finished, Request
+from llamacli.generation.prefix_cache import PrefixIndex
 from llamacli.generation.sequence import Sequence
 
 PREFILL_TOKENS_PER_STEP = 2048  # prompt tokens one step may prefill beside its decoding rows
@@ -91,7 +102,7 @@ class Scheduler:
     """Continuous batching over one engine with a cache of `max_rows` x `max_positions` (see the module doc)."""
 
     def __init__(self, engine, max_rows: int = 8, max_positions: int | None = None,
-                 prefill_budget: int = PREFILL_TOKENS_PER_STEP):
+                 prefill_budget: int = PREFILL_TOKENS_PER_STEP, prefix_cache: bool = True):
         if isinstance(max_rows, bool) or not isinstance(max_rows, int) or max_rows < 1:
             raise UsageError(f"batch-size must be an integer >= 1, got {max_rows!r}")
         self.engine = engine
@@ -106,6 +117,9 @@ class Scheduler:
         self._ids = itertools.count()
         self._cancelled: set[int] = set()
         self._prefix: tuple[list[int], KVCache | None] = ([], None)
+        dynamic = engine.config.max_seq_len if engine.config.rope_type == "dynamic" else None
+        self.index = PrefixIndex(dynamic_context=dynamic) if prefix_cache else None  # None: no reuse
+        self.cached_tokens = 0  # prompt tokens taken from the cache instead of prefilled (the server's metric)
 
     # -- requests --------------------------------------------------------------------------------------
 
@@ -186,22 +200,79 @@ class Scheduler:
         """One forward: decode every active row and prefill admitted prompts; (id, event) for each row that moved."""
         events = self._apply_cancellations()
         free = [i for i, s in enumerate(self.slots) if s is None]
-        admitted = plan_admissions(free, (w.prefill_tokens for w in self.waiting), self.prefill_budget,
-                                   (1 + len(w.followers) for w in self.waiting))
-        new: dict[int, _Row] = {}
-        slots = iter(admitted)
-        while len(new) < len(admitted):
-            leader = self.waiting.popleft()
-            for row in leader.group:
-                new[next(slots)] = row
-            leader_slot = min(s for s, r in new.items() if r is leader)
-            for row in leader.followers:
-                row.leader = leader_slot
+        if self.index is not None:
+            free = self.index.eviction_order(free)
+        live = self._live() if free and self.waiting else {}
+        admitted = plan_admissions(free, (len(w.ids) - max(w.prefix, self._donor(w, live)[1]) for w in self.waiting),
+                                   self.prefill_budget, (1 + len(w.followers) for w in self.waiting))
+        new = self._admit(admitted, live)
         if new or any(self.slots):
             events += self._forward(new)
         if not self.waiting:  # nothing left to fill holes with: keep the active rows contiguous
             self._compact()
         return events
+
+    def _live(self) -> dict[int, list[int]]:
+        """The tokens each running row holds, by slot (none without the prefix cache)."""
+        if self.index is None:
+            return {}
+        return {i: self.index.tokens(r.ids, r.seq.token_ids, r.seq.pos) for i, r in enumerate(self.slots) if r}
+
+    def _free(self, slot: int, row: _Row) -> None:
+        """A row ended: its slot is free, and its keys/values stay for a later prompt to reuse."""
+        self.slots[slot] = None
+        if self.index is not None:
+            self.index.keep(slot, self.index.tokens(row.ids, row.seq.token_ids, row.seq.pos))
+
+    def _donor(self, row: _Row, live: dict[int, list[int]]) -> tuple[int | None, int]:
+        """(slot, n): the cache row holding the longest prefix of the row's prompt, never its last token
+        (None, 0 when none is worth it)."""
+        return (None, 0) if self.index is None else self.index.best(row.ids, live, len(row.ids) - 1)
+
+    def _admit(self, admitted: list[int], live: dict[int, list[int]]) -> dict[int, _Row]:
+        """Take the admitted prompts from the queue into the planned slots (eviction order); returns {slot: row}.
+
+        The prompt reusing the most goes first, so that one sharing less takes another donor. A prompt goes into
+        the first planned slot (the least recently freed) and gets the positions its donor holds copied there:
+        from a running row, a freed one (which then counts as recently used) or the shared prefix; but into its
+        donor's own slot, with no copy, when that is free and is the first planned anyway or holds nothing the
+        prompt does not reuse (a conversation resent with its answer). Copies happen now, one prompt after
+        another, so none reads a row an earlier one overwrote; a slot taken is no donor any more.
+        """
+        pool, leaders, new = list(admitted), [], {}
+        while sum(len(w.group) for w in leaders) < len(pool):
+            leaders.append(self.waiting.popleft())
+        while leaders:
+            matches = [self._donor(w, live) for w in leaders]
+            k = max(range(len(leaders)), key=lambda j: matches[j][1])  # queue order among equals
+            leader, (donor, n) = leaders.pop(k), matches[k]
+            reuse = n > leader.prefix
+            free_donor = reuse and self.slots[donor] is None
+            target = pool[0]
+            if free_donor and (donor == target or n >= len(self.index.held(donor))):
+                target = donor  # its keys/values are in place, and nothing else it holds is lost
+            if target in pool:
+                pool.remove(target)
+            else:
+                pool.pop()  # the donor replaces the planned slot freed last, which keeps what it holds
+            slots = [target] + [pool.pop(0) for _ in leader.followers]
+            if self.index is not None:
+                for slot in slots:
+                    self.index.drop(slot)
+            if reuse:
+                if donor != target:
+                    self.cache.copy_prefix(target, self.cache, donor, n)
+                    if free_donor:
+                        self.index.touch(donor)
+                leader.prefix = n
+            elif leader.prefix:
+                self.cache.copy_prefix(target, self._prefix[1], 0, leader.prefix)
+            self.cached_tokens += leader.prefix
+            for row, slot in zip(leader.group, slots):
+                new[slot] = row
+            for row in leader.followers:
+                row.leader = target
+        return new
 
     def _apply_cancellations(self) -> list[tuple[int, Event]]:
         if not self._cancelled:
@@ -210,7 +281,7 @@ class Scheduler:
         for i, row in enumerate(self.slots):
             if row is not None and row.sid in self._cancelled:
                 events += [(row.sid, e) for e in row.seq.cancel()]
-                self.slots[i] = None
+                self._free(i, row)
         for k, leader in enumerate(list(self.waiting)):
             group = leader.group
             keep = [r for r in group if r.sid not in self._cancelled]
@@ -255,16 +326,15 @@ class Scheduler:
                 row = new[i]
                 row.start(self.engine)
                 if row.leader is not None:  # another choice of the leader's prompt: same prefill, same logits
-                    order.append((i, row, True, at[row.leader]))
+                    order.append((i, row, True, row.leader))  # the leader's logits row, looked up below
                     copies.append((i, row.leader, len(row.ids)))
                     continue
-                n = row.prefix
-                if n:  # the shared prefix's keys/values are computed: copy them, prefill the rest
-                    cache.copy_prefix(i, self._prefix[1], 0, n)
+                n = row.prefix  # positions [0, n) are in place (`_admit`): prefill the rest
                 at[i] = sum(p[0].shape[0] for p in parts)  # a prefill part gives one logits row
                 order.append((i, row, True, at[i]))
                 parts.append((torch.tensor([row.ids[n:]], device=device), n, cache.rows(i, i + 1)))
         close_run()
+        order = [(i, row, is_new, at[j] if row.leader is not None and is_new else j) for i, row, is_new, j in order]
 
         self.steps += 1
         self.max_active = max(self.max_active, len(order))
@@ -284,22 +354,29 @@ class Scheduler:
             events += [(row.sid, e) for e in seq.step(logits[j], greedy[j] if greedy is not None else None,
                                                        logprobs[j] if logprobs is not None else None)]
             if seq.done:
-                self.slots[i] = None
+                self._free(i, row)
         return events
 
     def _compact(self) -> None:
-        """Move the last active rows into the holes before them, so the active rows are slots 0..n-1."""
+        """Keep the active rows one run of consecutive slots (one attention call per layer): move the last into
+        the first hole between them. A freed row's keys/values in the hole are swapped out, not overwritten."""
         while True:
-            holes = [i for i, r in enumerate(self.slots) if r is None]
-            last = max((i for i, r in enumerate(self.slots) if r is not None), default=-1)
-            if not holes or holes[0] > last:
+            active = [i for i, r in enumerate(self.slots) if r is not None]
+            if not active or active[-1] - active[0] + 1 == len(active):
                 return
-            self.cache.move_row(last, holes[0], self.slots[last].seq.pos)
-            self.slots[holes[0]], self.slots[last] = self.slots[last], None
+            hole = next(i for i in range(active[0], active[-1]) if self.slots[i] is None)
+            last = active[-1]
+            kept = self.index.held(hole) if self.index is not None else []
+            if kept:
+                self.cache.swap_rows(last, hole, self.slots[last].seq.pos, len(kept))
+                self.index.swap(last, hole)
+            else:
+                self.cache.move_row(last, hole, self.slots[last].seq.pos)
+            self.slots[hole], self.slots[last] = self.slots[last], None
 
 
 def scheduler_for(engine, items: list[tuple[object, list[int], Request]], batch_size: int = 8,
-                  prefill_budget: int = PREFILL_TOKENS_PER_STEP) -> Scheduler:
+                  prefill_budget: int = PREFILL_TOKENS_PER_STEP, prefix_cache: bool = True) -> Scheduler:
     """A scheduler sized for a batch job: min(batch_size, items) rows of the longest prompt + max_new_tokens.
 
     Every item is checked against the model's context first (ContextOverflowError before anything runs).
@@ -311,7 +388,7 @@ def scheduler_for(engine, items: list[tuple[object, list[int], Request]], batch_
     if not items:
         raise UsageError("a batch needs at least one item")
     n_positions = max(len(ids) + req.max_new_tokens for _, ids, req in items)
-    return Scheduler(engine, min(batch_size, len(items)), n_positions, prefill_budget)
+    return Scheduler(engine, min(batch_size, len(items)), n_positions, prefill_budget, prefix_cache)
 
 
 def generate_batch(engine, items: Iterable[tuple[object, list[int], Request]], batch_size: int = 8,

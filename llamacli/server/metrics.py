@@ -8,7 +8,8 @@ LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0
 
 
 class Metrics:
-    """Requests, tokens, queue depth, running rows, time to first token and per-token latency."""
+    """Requests, tokens (prompt, of which from the KV cache, and generated), queue depth, running rows, time to
+    first token and per-token latency."""
 
     def __init__(self):
         self.registry = CollectorRegistry()
@@ -19,6 +20,9 @@ class Metrics:
                                 ["reason"], registry=r)
         self.prompt_tokens = Counter("llamacli_prompt_tokens", "Prompt tokens of the generations admitted",
                                      registry=r)
+        self.cached_prompt_tokens = Counter(
+            "llamacli_prompt_tokens_cached", "Prompt tokens taken from the KV cache (a prefix another request left "
+            "there) instead of prefilled", registry=r)
         self.generation_tokens = Counter("llamacli_generation_tokens", "Tokens generated", registry=r)
         self.queue_depth = Gauge("llamacli_queue_depth", "Requests waiting for a batch slot", registry=r)
         self.running = Gauge("llamacli_running_rows", "Batch rows generating now", registry=r)

@@ -1,8 +1,9 @@
 """The engine thread: ONE thread loads the `Engine` and owns it and an open `Scheduler`; the HTTP side talks to it
 only through a thread-safe inbox (add, cancel, stop) and gets each request's events back on an asyncio queue fed
 with `loop.call_soon_threadsafe`. Requests join the running batch as slots free up (continuous batching across
-requests). The waiting queue is bounded (`QueueFull` beyond it); a cancelled request's slot is freed at the next
-step; `shutdown` drains the running requests for a bounded time, then cancels the rest.
+requests) and reuse the keys/values earlier requests left in the cache (the scheduler's prefix cache). The
+waiting queue is bounded (`QueueFull` beyond it); a cancelled request's slot is freed at the next step;
+`shutdown` drains the running requests for a bounded time, then cancels the rest.
 """
 
 from __future__ import annotations
@@ -67,8 +68,9 @@ class Worker:
     /health while it loads."""
 
     def __init__(self, load: Callable[[], object], *, batch_size: int = 8, max_queue: int = 64,
-                 context: int | None = None, metrics: Metrics | None = None):
+                 context: int | None = None, metrics: Metrics | None = None, prefix_cache: bool = True):
         self.load, self.batch_size, self.max_queue, self.context_cap = load, batch_size, max_queue, context
+        self.prefix_cache = prefix_cache
         self.metrics = metrics or Metrics()
         self.inbox: queue.SimpleQueue = queue.SimpleQueue()
         self.ready = threading.Event()  # set when loaded, or when loading failed (then `load_error`)
@@ -80,6 +82,7 @@ class Worker:
         self._waiting = 0  # submitted, not yet admitted to a slot
         self._rows: dict[int, tuple[Submission, int]] = {}  # scheduler id -> (submission, choice index)
         self._last_token: dict[int, float] = {}
+        self._cached = 0  # the scheduler's cached_tokens counted into the metric so far
         self._thread = threading.Thread(target=self._run, name="llamacli-engine", daemon=True)
 
     # -- the HTTP side -----------------------------------------------------------------------------------------
@@ -139,7 +142,7 @@ class Worker:
         try:
             engine = self.load()
             self.engine = engine
-            self.scheduler = Scheduler(engine, self.batch_size, self.context)
+            self.scheduler = Scheduler(engine, self.batch_size, self.context, prefix_cache=self.prefix_cache)
         except BaseException as exc:  # reported by /health and the serve command
             self.load_error = exc
             self.ready.set()
@@ -198,10 +201,14 @@ class Worker:
                 self._admitted(sub)
                 sub.push(exc)
             self._rows.clear()
-            self.scheduler = Scheduler(self.engine, self.batch_size, self.context)
+            self.scheduler = Scheduler(self.engine, self.batch_size, self.context, prefix_cache=self.prefix_cache)
+            self._cached = 0
             return
         now = time.perf_counter()
         m = self.metrics
+        if self.scheduler.cached_tokens > self._cached:
+            m.cached_prompt_tokens.inc(self.scheduler.cached_tokens - self._cached)
+            self._cached = self.scheduler.cached_tokens
         for sid, event in events:
             sub, index = self._rows[sid]
             if sub.waiting:
