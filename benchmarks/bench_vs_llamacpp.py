@@ -28,15 +28,17 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# name -> (llamacli load options, llama.cpp variant file suffix)
+# name -> (llamacli load options, llama.cpp variant file suffix). The quantized formats multiply bf16 rows either
+# way (llamacli.quant.formats); "-bf16" runs the rest of the model (residual stream, norms, attention) in bf16 too.
 PAIRS = {
     "fp32": (dict(dtype="float32"), "f32"),
     "bf16": (dict(dtype="bfloat16"), "f16"),
     "int8": (dict(dtype="float32", quantize="int8"), "q8_0"),
-    "int4-q4_0": (dict(dtype="float32", quantize="int4"), "q4_0"),
-    "int4-q4_1": (dict(dtype="float32", quantize="int4"), "q4_1"),
-    "int4-q4_k_m": (dict(dtype="float32", quantize="int4"), "q4_k_m"),
-    "gguf-q4_1": (dict(dtype="float32", gguf=True), "q4_1"),
+    "int8-bf16": (dict(dtype="bfloat16", quantize="int8"), "q8_0"),
+    "int4-q4_0": (dict(dtype="bfloat16", quantize="int4"), "q4_0"),
+    "int4-q4_1": (dict(dtype="bfloat16", quantize="int4"), "q4_1"),
+    "int4-q4_k_m": (dict(dtype="bfloat16", quantize="int4"), "q4_k_m"),
+    "gguf-q4_1": (dict(dtype="bfloat16", gguf=True), "q4_1"),
 }
 
 
