@@ -353,7 +353,8 @@ def test_draft_length_adapts_and_turns_itself_off():
     length.plain(0.010)
     length.plain(0.010)
     assert length.want(2) == 6
-    length.round(6, 1, 0.020, 4)  # kept 1 of 6: shorter
+    length.round(6, 6, 5.0, 9)  # the first round carries the draft's prefill of the prompt: not timed
+    length.round(6, 1, 0.020, 11)  # kept 1 of 6: shorter
     assert length.want(4) == 5
     length.round(5, 5, 0.030, 10)  # kept all: longer again
     assert length.want(10) == 6
@@ -362,6 +363,9 @@ def test_draft_length_adapts_and_turns_itself_off():
         if length.want(g) == 0:
             break
     assert g < 19 and length.want(g + 15) == 0 and length.want(g + 16) == 3
+    for _ in range(8):  # the round after an off period catches up on the plain steps' tokens: not timed either
+        length.round(3, 3, 0.005, g + 16)
+    assert length.want(g + 40) > 0 and length.round_s == pytest.approx(0.005 / 4)
     assert DraftLength(6, adaptive=False).want(0) == 6
 
 
