@@ -11,20 +11,14 @@ int8 fallback (dequantize, then one product), for float32 / bfloat16 / float16 a
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
+import sys
+from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-def median_ms(fn, repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times) * 1e3
+from llamacli.bench import median_ms  # noqa: E402
 
 
 def main() -> None:

@@ -15,33 +15,20 @@ and the fraction of it that the products and the whole step reach. Medians of `-
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from llamacli.bench import measure_bandwidth  # noqa: E402
+from llamacli.bench import measure_bandwidth, median_ms  # noqa: E402
 from llamacli.kv_cache import KVCache  # noqa: E402
 from llamacli.weights import load_model  # noqa: E402
 
 FORMATS = {"fp32": ("float32", None), "bf16": ("bfloat16", None), "fp16": ("float16", None),
            "int8": ("float32", "int8"), "int4": ("float32", "int4"),
            "int8-bf16": ("bfloat16", "int8"), "int4-bf16": ("bfloat16", "int4")}
-
-
-def _median_ms(fn, steps: int) -> float:
-    for _ in range(3):
-        fn()
-    times = []
-    for _ in range(steps):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times) * 1e3
 
 
 def profile(model, context: int, steps: int) -> dict[str, float]:
@@ -66,7 +53,7 @@ def profile(model, context: int, steps: int) -> dict[str, float]:
             w.mm(x)
 
     with torch.inference_mode():
-        return {"step": _median_ms(step, steps), "products": _median_ms(matmuls, steps)}
+        return {"step": median_ms(step, steps, warmup=3), "products": median_ms(matmuls, steps, warmup=3)}
 
 
 def main() -> None:

@@ -91,6 +91,19 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def median_ms(fn, repeats: int, warmup: int = 1) -> float:
+    """Median wall time of `fn()` in milliseconds over `repeats` calls, after `warmup` untimed ones (CPU work:
+    no device sync)."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times) * 1e3
+
+
 def measure_bandwidth(device: torch.device | str = "cpu", mib: int = 256, repeats: int = 5) -> tuple[float, str]:
     """Memory bandwidth in GB/s measured now: the best of reading (sum) and copying a large fp32 tensor.
 
