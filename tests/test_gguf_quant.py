@@ -225,6 +225,37 @@ def test_dtype_picks_the_activations_not_the_cached_folder(int4_gguf, tmp_path, 
     assert (got - want).abs().max() < 0.05 * want.abs().max()
 
 
+def test_cli_convert_keep_quantization_writes_the_layout_that_loads_without_a_flag(mixed_gguf, tmp_path):
+    from typer.testing import CliRunner
+
+    from llamacli.cli import app
+
+    result = CliRunner().invoke(app, ["convert", str(mixed_gguf), str(tmp_path / "kept"), "--keep-quantization"])
+    assert result.exit_code == 0, result.output
+    assert "int4 groups of 32 (2 matrices int8), from GGUF 13 Q4_K" in result.stderr
+    folder = tmp_path / "kept"
+    assert quantization.read_quantization(folder).bits == 4
+    stored = load_file(folder / "model.safetensors")
+    assert stored["model.layers.0.mlp.up_proj.weight"].dtype == torch.uint8  # packed int4, not floats
+    reference = convert_gguf(mixed_gguf, tmp_path / "api", quantized=True)  # what --model x.gguf loads
+    ids = torch.tensor([PROMPT])
+    assert torch.equal(load_model(folder, dtype="float32", device="cpu")(ids),
+                       load_model(reference, dtype="float32", device="cpu")(ids))
+
+
+def test_cli_convert_keep_quantization_on_a_float_gguf_is_refused(vocab, tmp_path):
+    from typer.testing import CliRunner
+
+    from llamacli.cli import app
+
+    path = write_gguf(tmp_path / "f32.gguf", vocab, Q.F32)
+    result = CliRunner().invoke(app, ["convert", str(path), str(tmp_path / "out"), "--keep-quantization"])
+    assert result.exit_code == 2, result.output
+    assert result.stderr.strip().splitlines()[-1].startswith(
+        f"error: --keep-quantization: {path} holds no quantized matrices")
+    assert "Traceback" not in result.output and not (tmp_path / "out").exists()
+
+
 @pytest.mark.parametrize("in_place", [True, False])
 def test_a_gguf_replaced_under_its_old_mtime_is_converted_again(vocab, tmp_path, in_place):
     src, other = tmp_path / "m.gguf", tmp_path / "other.gguf"

@@ -33,10 +33,24 @@ def convert(
     overwrite: Annotated[bool, typer.Option(
         "--overwrite", help="Replace a non-empty OUT_DIR as a whole (only once the new checkpoint is complete).",
     )] = False,
+    keep_quantization: Annotated[bool, typer.Option(
+        "--keep-quantization",
+        help="Write a quantized GGUF's matrices in llamacli's int8/int4 layout (Q4_0/Q4_1/Q4_K exactly as int4 "
+             "groups of 32, other types requantized to int8 per row), as `--model x.gguf` loads them, instead of "
+             "dequantizing them to --dtype; the checkpoint loads again quantized, with no flag.",
+    )] = False,
 ) -> None:
     """Convert a GGUF file (llama architecture) into a Hugging Face checkpoint folder."""
-    from llamacli.gguf import convert_gguf
+    from llamacli.errors import UsageError
+    from llamacli.gguf import convert_gguf, quantized_types
+    from llamacli.quantization import read_quantization
 
-    with errors(), progress_bar("converting", show_item=True) as update:
-        out = convert_gguf(src, out_dir, dtype=dtype.value, progress=update, overwrite=overwrite)
-    note(f"wrote {out} ({dtype.value})")
+    with errors():
+        if keep_quantization and src.is_file() and not quantized_types(src):
+            raise UsageError(f"--keep-quantization: {src} holds no quantized matrices (F32/F16/BF16 only); "
+                             "convert it with --dtype, or quantize it with `llamacli quantize`")
+        with progress_bar("converting", show_item=True) as update:
+            out = convert_gguf(src, out_dir, dtype=dtype.value, progress=update, overwrite=overwrite,
+                               quantized=keep_quantization)
+        what = read_quantization(out).describe() if keep_quantization else dtype.value
+    note(f"wrote {out} ({what})")
