@@ -867,6 +867,26 @@ def test_prefix_index_is_pure_bookkeeping():
     assert dyn.best(a[:24], {}, 23) == (0, 20) and dyn.best(a[:25], {}, 24) == (None, 0)
 
 
+def test_which_prompts_admitted_together_wait_for_another_ones_row():
+    """`PrefixIndex.waiting`: a prompt waits when an earlier one that goes in now shares min_tokens more of it than
+    the rows serve already, unless it waited before; not past a dynamic-NTK context. `shared_by_all`: a job's."""
+    from llamacli.generation.prefix_cache import PrefixIndex, shared_by_all
+
+    a = list(range(50))
+    index = PrefixIndex(min_tokens=4)
+    burst = [a[:10] + [90], a[:10] + [91], [7] * 12, a[:12] + [92], a[:3] + [93]]
+    assert index.waiting(burst, [0] * 5, [True] * 5) == [1, 3]  # 4 shares 3 tokens: too few
+    assert index.waiting(burst, [0, 7, 0, 0, 0], [True] * 5) == [3]  # 1 gains 3 on what the rows give it
+    assert index.waiting(burst, [0] * 5, [True, False, True, True, True]) == [3]  # 1 waited once already
+    assert index.waiting([a[:10] + [90], a[:3] + [91], a[:10] + [92]], [0] * 3, [True] * 3) == [2]  # 0 leads
+    assert PrefixIndex(min_tokens=4, dynamic_context=11).waiting(burst, [0] * 5, [True] * 5) == [1]  # 3: 13 long
+    assert PrefixIndex(min_tokens=4, dynamic_context=11).waiting([a[:12], a[:10]], [0, 0], [True] * 2) == []
+    assert PrefixIndex(min_tokens=4).waiting([a[:10], a[:10] + [1]], [0, 0], [True] * 2) == [1]
+    assert shared_by_all([a[:20], a[:18] + [0], a[:30]], 4) == 18 and shared_by_all([a[:5], a[:5]], 4) == 4
+    assert shared_by_all([a[:20]], 4) == shared_by_all([a[:3] + [1], a[:3] + [2]], 4) == 0
+    assert shared_by_all([a[:20], a[:30]], 4, dynamic_context=25) == 0
+
+
 def test_a_freed_rows_cache_serves_the_next_prompt_that_starts_like_it(engine):
     """Requests one after another: the same prompt again, a conversation resent with its answer, another
     question after the same system prompt. Each prefills only what the freed row does not hold (always its last
@@ -964,6 +984,92 @@ def test_n_choices_admitted_into_a_freed_rows_slot_each_equal_their_single_run(e
     reqs = [Request(max_new_tokens=8, sampling=SamplingParams(temperature=1.2), seed=s) for s in (1, 2, 3)]
     sids = sched.add_choices(ids, reqs)
     done = run_all(sched)
+    assert [done[s].stats.prefill_tokens for s in sids] == [2, 0, 0]
+    assert [done[s].token_ids for s in sids] == [engine.generate(ids, r).token_ids for r in reqs]
+
+
+def record_prefills(engine, monkeypatch) -> list[list[tuple[int, int]]]:
+    """Filled as the model runs: per forward, (start position, tokens) of each prompt part (more than one token)
+    it prefills, in slot order."""
+    seen = []
+    forward_last = engine.model.forward_last
+
+    def record(parts):
+        seen.append([(start, t.shape[1]) for t, start, _ in parts if t.shape[1] > 1])
+        return forward_last(parts)
+
+    monkeypatch.setattr(engine.model, "forward_last", record)
+    return seen
+
+
+@pytest.mark.parametrize("prefix_cache", [True, False])
+def test_a_burst_behind_one_system_prompt_prefills_it_once(engine, monkeypatch, prefix_cache):
+    """Requests that arrive together behind the same system prompt, none held by a row yet: the first is prefilled
+    whole, the others wait one step and copy its 40 positions; a prompt that shares nothing goes in at once. With
+    the prefix cache off, all four are prefilled whole in the first step. Each equals its single run."""
+    from llamacli.generation import Scheduler
+
+    sched = Scheduler(engine, 4, 128, prefix_cache=prefix_cache)
+    req = Request(max_new_tokens=6, ignore_eos=True)
+    burst = [SYSTEM + [5, 6, 7], list(range(200, 225)), SYSTEM + [8, 9], SYSTEM + list(range(30, 45))]
+    sids = [sched.add(ids, req) for ids in burst]
+    seen = record_prefills(engine, monkeypatch)
+    done = run_all(sched)
+    monkeypatch.undo()
+    whole = [(0, len(ids)) for ids in burst]
+    cached = [0, 0, 40, 40] if prefix_cache else [0, 0, 0, 0]
+    assert seen[:2] == ([whole[:2], [(40, 2), (40, 15)]] if prefix_cache else [whole, []])
+    assert not any(seen[2:]) and sched.max_active == 4
+    assert sched.cached_tokens == sum(cached)
+    for sid, ids, n in zip(sids, burst, cached):
+        assert done[sid].stats.prefill_tokens == len(ids) - n
+        assert done[sid].token_ids == engine.generate(ids, req).token_ids
+
+
+def test_prompts_held_for_a_same_step_prefix_keep_their_rows_and_wait_once(engine, monkeypatch):
+    """Four rows, five prompts: b and c wait for a's row, u1 goes in beside a, u2 finds no row (b's and c's are
+    kept for them). At the next step b and c both go in, though c shares 20 more tokens with b: a prompt waits once
+    at most. Held prompts still count in the step's prefill budget: with room for a's and b's prompts only, u1
+    waits for the next step as it did before (b goes in then, beside it)."""
+    from llamacli.generation import Scheduler
+
+    req = Request(max_new_tokens=6, ignore_eos=True)
+    a, b, c = SYSTEM + [5, 6], SYSTEM + list(range(300, 320)) + [7, 8], SYSTEM + list(range(300, 320)) + [9, 9]
+    u1, u2 = list(range(200, 230)), list(range(230, 260))
+    sched = Scheduler(engine, 4, 128)
+    sids = [sched.add(ids, req) for ids in (a, b, u1, c, u2)]
+    seen = record_prefills(engine, monkeypatch)
+    sched.step()
+    assert sched.active == 2 and [row.sid for row in sched.waiting] == [sids[1], sids[3], sids[4]]
+    done = run_all(sched)
+    monkeypatch.undo()
+    assert seen[:2] == [[(0, len(a)), (0, len(u1))], [(40, 22), (40, 22)]]
+    assert [(0, len(u2))] in seen[2:]
+    for sid, ids, n in zip(sids, (a, b, u1, c, u2), (0, 40, 0, 40, 0)):
+        assert done[sid].stats.prefill_tokens == len(ids) - n
+        assert done[sid].token_ids == engine.generate(ids, req).token_ids
+
+    sched = Scheduler(engine, 4, 128, prefill_budget=len(a) + len(b))
+    for ids in (a, b, u1):
+        sched.add(ids, req)
+    seen = record_prefills(engine, monkeypatch)
+    run_all(sched)
+    monkeypatch.undo()
+    assert seen[:2] == [[(0, len(a))], [(40, 22), (0, len(u1))]]
+
+
+def test_n_choices_behind_a_same_step_prefix_wait_together_and_copy_it(engine):
+    from llamacli.generation import Scheduler
+
+    sched = Scheduler(engine, 4, 128)
+    first = sched.add(SYSTEM + [5, 6], Request(max_new_tokens=4, ignore_eos=True))
+    ids = SYSTEM + [11, 12]
+    reqs = [Request(max_new_tokens=8, sampling=SamplingParams(temperature=1.2), seed=s) for s in (1, 2, 3)]
+    sids = sched.add_choices(ids, reqs)
+    sched.step()
+    assert sched.active == 1 and sched.queued == 3
+    done = run_all(sched)
+    assert done[first].stats.prefill_tokens == len(SYSTEM) + 2
     assert [done[s].stats.prefill_tokens for s in sids] == [2, 0, 0]
     assert [done[s].token_ids for s in sids] == [engine.generate(ids, r).token_ids for r in reqs]
 

@@ -2,14 +2,16 @@
 prompt can reuse.
 
 A request that finishes (or is cancelled) leaves its keys/values in its slot's row: `PrefixIndex` remembers the
-tokens they stand for (positions [0, n)) until the slot is taken again; the rows of running requests hold
-theirs too (the scheduler passes them in). A new prompt reuses the longest common token prefix it has with any
-of them, when that is at least `min_tokens` long and never its last token (whose logits give the first new
-token): the scheduler copies those positions into the new row, or admits the prompt into that very row when its
-slot is free, and prefills only the rest. Free slots are overwritten least recently freed first, slots that hold
-nothing before any. Under dynamic NTK scaling a position's keys depend on the length of the forward that computed
-them once it passes the trained context (`dynamic_context`): only prompts within it reuse, and only from rows
-whose prompt was within it. Pure bookkeeping: no tensors here.
+tokens they stand for (positions [0, n)) until the slot is taken again; the rows of running requests hold theirs too
+(the scheduler passes them in). A new prompt reuses the longest common token prefix it has with any of them, when
+that is at least `min_tokens` long and never its last token (whose logits give the first new token): the scheduler
+copies those positions into the new row, or admits the prompt into that very row when its slot is free, and prefills
+only the rest. Prompts admitted in the same step cannot read each other's rows (none is written yet): `waiting`
+names those that should wait one step for an earlier one's row instead of prefilling what it will hold. Free slots
+are overwritten least recently freed first, slots that hold nothing before any. Under dynamic NTK scaling a
+position's keys depend on the length of the forward that computed them once it passes the trained context
+(`dynamic_context`): only prompts within it reuse, and only from rows whose prompt was within it. `shared_by_all`
+is the prefix every prompt of a batch job shares (the scheduler prefills it once). Pure bookkeeping: no tensors here.
 """
 
 from __future__ import annotations
@@ -33,6 +35,17 @@ def common_prefix(a: list[int], b: list[int], limit: int) -> int:
         else:
             hi = mid
     return lo
+
+
+def shared_by_all(prompts: list[list[int]], minimum: int, dynamic_context: int | None = None) -> int:
+    """The length of the prefix every prompt shares, never a prompt's last token; 0 for fewer than two prompts,
+    under `minimum` tokens, or a prompt past a dynamic-NTK context (its keys depend on its length there)."""
+    if len(prompts) < 2 or (dynamic_context is not None and max(map(len, prompts)) > dynamic_context):
+        return 0
+    n = min(map(len, prompts)) - 1
+    for ids in prompts[1:]:
+        n = common_prefix(prompts[0], ids, n)
+    return n if n >= minimum else 0
 
 
 class PrefixIndex:
@@ -88,11 +101,34 @@ class PrefixIndex:
         kept = sorted((s for s in free_slots if s in self._held), key=lambda s: self._held[s][1])
         return empty + kept
 
+    def _reusable(self, ids: list[int]) -> bool:
+        """Whether a prompt's keys/values are those of any forward that computes them (see the module doc)."""
+        return self.dynamic_context is None or len(ids) <= self.dynamic_context
+
+    def waiting(self, prompts: list[list[int]], reuse: list[int], may_wait: list[bool]) -> list[int]:
+        """Of the prompts a step would admit (queue order), those (their positions) that should wait one step.
+
+        A prompt waits when an earlier one of them that does not wait shares at least `min_tokens` more of it
+        than `reuse` (what rows hold now already serve it) and `may_wait` allows (a prompt waits once at most):
+        at the next step that prompt's row holds them, and the waiting one copies them instead of prefilling them.
+        """
+        leaders: list[list[int]] = []
+        held = []
+        for k, ids in enumerate(prompts):
+            if may_wait[k] and self._reusable(ids):
+                n = max((common_prefix(ids, lead, len(ids) - 1) for lead in leaders if self._reusable(lead)),
+                        default=0)
+                if n - reuse[k] >= self.min_tokens:
+                    held.append(k)
+                    continue
+            leaders.append(ids)
+        return held
+
     def best(self, ids: list[int], live: dict[int, list[int]], limit: int) -> tuple[int | None, int]:
         """(slot, n): the row whose held tokens share the longest prefix with `ids` (at most `limit` tokens,
         at least `min_tokens`), or (None, 0). `live` gives the tokens held by running rows, by slot. Among
         equals, the least recently freed slot wins (it is the next to overwrite), then a running row."""
-        if limit < self.min_tokens or (self.dynamic_context is not None and len(ids) > self.dynamic_context):
+        if limit < self.min_tokens or not self._reusable(ids):
             return None, 0
         head = ids[:self.min_tokens]
         best_slot, best_n = None, 0

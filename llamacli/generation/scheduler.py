@@ -23,8 +23,11 @@ with at least CACHED_PREFIX_MIN tokens some row holds (a running or a freed one:
 conversation's earlier turns resent) gets those positions copied into its slot, or is admitted into the freed
 donor's slot itself (see `_admit`), and prefills only the rest: at least its last token, whose logits it needs.
 Its `prefill_tokens` (and the scheduler's `cached_tokens`) count what was reused. Compaction swaps a freed row
-out of the way instead of overwriting it. Reused keys/values are those a single run computes, up to float
-summation order, as with batching itself.
+out of the way instead of overwriting it. Prompts admitted in one step cannot read each other's rows (none is
+written before the forward): one that shares at least CACHED_PREFIX_MIN more tokens with an earlier one admitted
+with it than any row holds now (a burst of chat requests behind one system prompt) waits one step at the front
+of the queue, its rows kept free, and then copies them from that prompt's row (`_take`; once at most). Reused
+keys/values are those a single run computes, up to float summation order, as with batching itself.
 """
 
 from __future__ import annotations
@@ -40,38 +43,18 @@ from llamacli import prompts
 from llamacli.errors import UsageError
 from llamacli.kv_cache import KVCache
 from llamacli.request import Event, Finished, Request
-from llamacli.generation.prefix_cache import PrefixIndex
+from llamacli.generation.admission import PREFILL_TOKENS_PER_STEP, plan_admissions
+from llamacli.generation.prefix_cache import PrefixIndex, shared_by_all
 from llamacli.generation.sequence import Sequence
 
-PREFILL_TOKENS_PER_STEP = 2048  # prompt tokens one step may prefill beside its decoding rows
 SHARED_PREFIX_MIN = 16  # a prefix all prompts share is prefilled once when it is at least this long
-
-
-def plan_admissions(free_slots: list[int], waiting_prefill: Iterable[int],
-                    budget: int = PREFILL_TOKENS_PER_STEP, widths: Iterable[int] | None = None) -> list[int]:
-    """The admission policy: which free slots (lowest first) take the next waiting prompts, in queue order.
-
-    `waiting_prefill` gives each waiting prompt's tokens to prefill, `widths` the rows each takes (n choices of
-    one prompt take n together; default 1): the slots of each admitted prompt come out consecutively. Prompts are
-    admitted while their total stays within `budget`, and always at least one (however long), so that a long
-    prompt cannot starve.
-    """
-    free = list(free_slots)
-    admitted: list[int] = []
-    tokens = 0
-    for n, width in zip(waiting_prefill, itertools.repeat(1) if widths is None else widths):
-        if len(admitted) + width > len(free) or (admitted and tokens + n > budget):
-            break
-        admitted += free[len(admitted):len(admitted) + width]
-        tokens += n
-    return admitted
 
 
 class _Row:
     """A request in the queue or in a slot. Its `Sequence` (sampler state, a vocabulary-sized penalty mask) is
     made when it is admitted, so a long queue costs only its prompts; times still count from `add`."""
 
-    __slots__ = ("sid", "ids", "request", "prefix", "added_at", "seq", "followers", "leader")
+    __slots__ = ("sid", "ids", "request", "prefix", "added_at", "seq", "followers", "leader", "held")
 
     def __init__(self, sid: int, ids: list[int], request: Request, prefix: int):
         self.sid, self.ids, self.request, self.prefix = sid, ids, request, prefix
@@ -79,6 +62,7 @@ class _Row:
         self.seq: Sequence | None = None
         self.followers: list[_Row] = []  # the other choices of this prompt, admitted with it (add_choices)
         self.leader: int | None = None  # for a follower once admitted: the slot whose prefill it copies
+        self.held = False  # it waited a step for the row of a prompt admitted before it (once at most)
 
     @property
     def group(self) -> list["_Row"]:
@@ -178,16 +162,10 @@ class Scheduler:
         least its last token to prefill, whose logits give its first new token."""
         self._prefix = ([], None)
         cfg = self.engine.config
-        if len(prompt_list) < 2:
+        n = shared_by_all(prompt_list, SHARED_PREFIX_MIN, cfg.max_seq_len if cfg.rope_type == "dynamic" else None)
+        if not n:
             return 0
-        if cfg.rope_type == "dynamic" and max(len(ids) for ids in prompt_list) > cfg.max_seq_len:
-            return 0  # past the context, dynamic NTK rotates by the whole prompt's length: no reuse
-        n = min(len(ids) for ids in prompt_list) - 1
         first = prompt_list[0]
-        for ids in prompt_list[1:]:
-            n = next((j for j in range(n) if ids[j] != first[j]), n)
-            if n < SHARED_PREFIX_MIN:
-                return 0
         cache = self.engine.new_cache(n)
         self.engine.model(torch.tensor([first[:n]], device=self.engine.device), 0, cache, last_only=True)
         self._prefix = (list(first[:n]), cache)
@@ -203,9 +181,15 @@ class Scheduler:
         if self.index is not None:
             free = self.index.eviction_order(free)
         live = self._live() if free and self.waiting else {}
-        admitted = plan_admissions(free, (len(w.ids) - max(w.prefix, self._donor(w, live)[1]) for w in self.waiting),
-                                   self.prefill_budget, (1 + len(w.followers) for w in self.waiting))
-        new = self._admit(admitted, live)
+        reuse: list[int] = []  # prompt tokens rows hold now serve, of each waiting prompt the plan looks at
+
+        def to_prefill() -> Iterator[int]:  # lazily: the plan stops at the first prompt that does not fit
+            for w in self.waiting:
+                reuse.append(max(w.prefix, self._donor(w, live)[1]))
+                yield len(w.ids) - reuse[-1]
+
+        admitted = plan_admissions(free, to_prefill(), self.prefill_budget, (len(w.group) for w in self.waiting))
+        new = self._admit(self._take(len(admitted), reuse), admitted, live)
         if new or any(self.slots):
             events += self._forward(new)
         if not self.waiting:  # nothing left to fill holes with: keep the active rows contiguous
@@ -229,8 +213,24 @@ class Scheduler:
         (None, 0 when none is worth it)."""
         return (None, 0) if self.index is None else self.index.best(row.ids, live, len(row.ids) - 1)
 
-    def _admit(self, admitted: list[int], live: dict[int, list[int]]) -> dict[int, _Row]:
-        """Take the admitted prompts from the queue into the planned slots (eviction order); returns {slot: row}.
+    def _take(self, n_rows: int, reuse: list[int]) -> list[_Row]:
+        """Take from the queue the prompts planned into `n_rows` rows, but those that should wait a step for the
+        row of another one taken now (`PrefixIndex.waiting`) stay at its front, in their order. Holding them
+        changes nothing else: the others go in this step as planned, and at the next the held ones find their
+        rows still free and a prefill no longer than planned, within the budget they were planned in."""
+        taken = []
+        while sum(len(w.group) for w in taken) < n_rows:
+            taken.append(self.waiting.popleft())
+        may_wait = [not w.held for w in taken]
+        held = [] if self.index is None else self.index.waiting([w.ids for w in taken], reuse, may_wait)
+        for k in reversed(held):
+            taken[k].held = True
+            self.waiting.appendleft(taken[k])
+        return [w for k, w in enumerate(taken) if k not in held]
+
+    def _admit(self, leaders: list[_Row], admitted: list[int], live: dict[int, list[int]]) -> dict[int, _Row]:
+        """Put the prompts taken from the queue into the planned slots (eviction order; those of the prompts held
+        back are the last, the most recently freed, which then keep what they hold); returns {slot: row}.
 
         The prompt reusing the most goes first, so that one sharing less takes another donor. A prompt goes into
         the first planned slot (the least recently freed) and gets the positions its donor holds copied there:
@@ -239,9 +239,7 @@ class Scheduler:
         prompt does not reuse (a conversation resent with its answer). Copies happen now, one prompt after
         another, so none reads a row an earlier one overwrote; a slot taken is no donor any more.
         """
-        pool, leaders, new = list(admitted), [], {}
-        while sum(len(w.group) for w in leaders) < len(pool):
-            leaders.append(self.waiting.popleft())
+        pool, new = admitted[:sum(len(w.group) for w in leaders)], {}
         while leaders:
             matches = [self._donor(w, live) for w in leaders]
             k = max(range(len(leaders)), key=lambda j: matches[j][1])  # queue order among equals
@@ -291,7 +289,7 @@ class Scheduler:
                 if row.sid in self._cancelled:
                     events += [(row.sid, e) for e in row.start(self.engine).cancel()]
             if keep:  # the first choice left prefills for the others
-                keep[0].followers = keep[1:]
+                keep[0].followers, keep[0].held = keep[1:], leader.held
             self.waiting[k] = keep[0] if keep else None
         self.waiting = deque(w for w in self.waiting if w is not None)
         self._cancelled.clear()
