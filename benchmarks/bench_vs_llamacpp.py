@@ -74,7 +74,7 @@ def llamacli_worker(args) -> dict:
     opts = json.loads(args.options)
     folder = resolve_model(args.gguf) if opts.pop("gguf", False) else args.checkpoint
     with torch.inference_mode():
-        model = load_model(folder, **opts)
+        model = load_model(folder, decode_rows=1, **opts)  # batch 1: what generate loads
         out = {"rss_mib": rss_mib(), "weight_mib": model.weight_bytes_per_step() / 2**20}
         if args.ppl_ids:
             ids = json.loads(Path(args.ppl_ids).read_text())

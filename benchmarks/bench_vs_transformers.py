@@ -65,7 +65,7 @@ def main() -> None:
     gen = torch.Generator().manual_seed(0)
     rows = []
     for dtype in args.dtypes.split(","):
-        ours = load_model(args.model, dtype=dtype, device="cpu")
+        ours = load_model(args.model, dtype=dtype, device="cpu", decode_rows=1)  # what generate loads
         vocab = ours.config.vocab_size
         hf = transformers.AutoModelForCausalLM.from_pretrained(args.model, dtype=getattr(torch, dtype)).eval()
         impls = {"llamacli": lambda p, n: time_generation(ours, p, n),

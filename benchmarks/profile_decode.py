@@ -72,7 +72,7 @@ def main() -> None:
     for name in args.formats.split(","):
         dtype, quantize = FORMATS[name]
         with torch.inference_mode():
-            model = load_model(args.model, dtype=dtype, quantize=quantize)
+            model = load_model(args.model, dtype=dtype, quantize=quantize, decode_rows=1)  # as generate
         nbytes = model.weight_bytes_per_step()
         for threads in (int(t) for t in args.threads.split(",")):
             torch.set_num_threads(threads)

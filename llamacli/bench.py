@@ -23,6 +23,7 @@ from llamacli import layout
 from llamacli.errors import UsageError
 from llamacli.kv_cache import KVCache
 from llamacli.model import Llama, Runtime
+from llamacli.model.cpu import FP32_PACK_ROWS_MIN
 
 
 @dataclass
@@ -204,8 +205,10 @@ def run_bench(folder, prompt_tokens: list[int], gen_tokens: int, batch_sizes: li
               device: str = "auto", repetitions: int = 5, threads: int | None = None,
               model_name: str | None = None, quantize: list[str | None] | None = None,
               group_size: int | None = None, shard=None) -> BenchReport:
-    """Load the checkpoint once per dtype and quantization (None: as stored) and bench it, then measure the
-    memory bandwidth; a quantized row's dtype reads 'float32+int8' (activations + weights).
+    """Load the checkpoint once per dtype and quantization (None: as stored) and weight layout, and bench it,
+    then measure the memory bandwidth; a quantized row's dtype reads 'float32+int8' (activations + weights).
+    Batch sizes are measured on the layout `generate` loads for them (`weights.load_model`'s `decode_rows`: one
+    row unpacked fp32, several packed), so batch 1 is what `generate` decodes at.
 
     `shard` (a `parallel.ShardPlan`): bench this tensor-parallel rank's shard (run by every rank at once)."""
     from llamacli.weights import load_model, resolve_device
@@ -218,16 +221,23 @@ def run_bench(folder, prompt_tokens: list[int], gen_tokens: int, batch_sizes: li
         torch.set_num_threads(threads)
     dev = resolve_device(device)
     rows = []
+    layouts: dict[bool, list[int]] = {}  # batch sizes by the layout they load: several rows packed or not
+    for b in batch_sizes:
+        layouts.setdefault(b >= FP32_PACK_ROWS_MIN, []).append(b)
     for dtype, quant in [(d, q) for d in dtypes for q in (quantize or [None])]:
-        model = load_model(folder, dtype=dtype, device=str(dev), quantize=quant,
-                           group_size=group_size if quant == "int4" else None, shard=shard)
-        new_rows = bench_model(model, prompt_tokens, gen_tokens, batch_sizes, repetitions)
+        new_rows = []
+        float32 = quant is None and dtype not in ("bfloat16", "float16")  # the layout differs for fp32 only
+        for sizes in layouts.values() if float32 else [batch_sizes]:
+            model = load_model(folder, dtype=dtype, device=str(dev), quantize=quant, decode_rows=sizes[0],
+                               group_size=group_size if quant == "int4" else None, shard=shard)
+            new_rows += bench_model(model, prompt_tokens, gen_tokens, sizes, repetitions)
+            del model
+            gc.collect()
+        new_rows.sort(key=lambda row: batch_sizes.index(row.batch_size))  # stable: prompt lengths keep their order
         if quant is not None:
             for row in new_rows:
                 row.dtype += f"+{quant}" + (f"g{group_size or 32}" if quant == "int4" else "")
         rows += new_rows
-        del model
-        gc.collect()
     # Measured last, so that its large buffers do not count in the peak memory reported for the model.
     bandwidth, method = measure_bandwidth(dev)
     for row in rows:

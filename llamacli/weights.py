@@ -25,7 +25,7 @@ from llamacli import layout, parallel, quantization
 from llamacli.config import LlamaConfig, load_config
 from llamacli.errors import UsageError, WeightsError
 from llamacli.model import Llama, Runtime
-from llamacli.model.cpu import will_pack
+from llamacli.model.cpu import pack_for_rows, will_pack
 from llamacli.model.linear import AllReduced, Gathered
 from llamacli.parallel import ShardPlan, VocabShardedEmbedding
 
@@ -75,12 +75,16 @@ BLOCK_ROWS = 4096  # rows of a float matrix read and quantized at a time when qu
 
 def load_model(folder: str | Path, dtype: str = "auto", device: str = "auto", config: LlamaConfig | None = None,
                runtime: bool = True, pack: bool = True, quantize: str | None = None,
-               group_size: int | None = None, shard: ShardPlan | None = None) -> Runtime | Llama:
+               group_size: int | None = None, shard: ShardPlan | None = None,
+               decode_rows: int | None = None) -> Runtime | Llama:
     """Load a checkpoint folder strictly (names and shapes) in the chosen dtype and device.
 
     Returns the `Runtime` built from it (the default: fused q/k/v and gate/up, the reference weights released
     as they are laid out), or with `runtime=False` the reference `Llama` itself. `pack` lets the runtime
     prepack CPU weights for oneDNN (fp32, and bf16 where the CPU has native bf16): about twice as fast.
+    `decode_rows`, the rows a decode step will multiply (1 for one stream, the batch size for a batch), picks the
+    layout that is fastest for them (`model.cpu.pack_for_rows`: fp32 one-row steps are faster unpacked); None
+    packs wherever `pack` allows (prefill-heavy work, perplexity).
     `quantize` ('int8' | 'int4', with `group_size` for int4, default 32) quantizes the matrices layer by layer
     as they are read; a quantized checkpoint loads in its own quantization with no flag. `dtype` is then the
     activations' (and norms') dtype. `shard` (a `parallel.ShardPlan`): read and run only this rank's slices
@@ -91,6 +95,7 @@ def load_model(folder: str | Path, dtype: str = "auto", device: str = "auto", co
     quant = load_quantization(folder, quantize, group_size)
     dev = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, dev, config)
+    pack = pack and (decode_rows is None or pack_for_rows(torch_dtype, decode_rows))
     # Headers against the config first: a config claiming 10**6 layers must not build 10**6 modules.
     stored = quantization.read_quantization(folder)
     used = layout.check_tensors(config, layout.read_tensors(folder), folder, stored)

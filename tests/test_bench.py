@@ -242,6 +242,45 @@ def test_bf16_is_packed_exactly_where_the_cpu_has_native_bf16(tiny_dir):
         torch.testing.assert_close(model(ids).float(), plain(ids).float(), atol=3e-2, rtol=3e-2)
 
 
+def test_decode_rows_pick_the_layout_one_fp32_row_unpacked_several_packed(tiny_dir):
+    def kinds(model):
+        return {type(f).__name__ for f in model.formats().values()}
+
+    one, batch = (load_model(tiny_dir, dtype="float32", device="cpu", decode_rows=r) for r in (1, 8))
+    assert kinds(one) == {"Transposed"} and kinds(batch) == {"Packed"}
+    assert kinds(load_model(tiny_dir, dtype="float32", device="cpu")) == {"Packed"}  # no hint: prefill-heavy work
+    bf16 = kinds(load_model(tiny_dir, dtype="bfloat16", device="cpu"))
+    assert kinds(load_model(tiny_dir, dtype="bfloat16", device="cpu", decode_rows=1)) == bf16  # fp32 only
+    ids = torch.tensor([PROMPT])
+    with torch.no_grad():
+        torch.testing.assert_close(one(ids), batch(ids), atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("args, rows", [([], 1), (["--prompt-lookup", "2"], 5),
+                                        (["--prompt-lookup", "2", "--draft-tokens", "2"], 3),
+                                        (["--prompts-file", "P", "--batch-size", "3"], 3)])
+def test_generate_loads_the_layout_for_the_rows_it_decodes(tiny_chat_dir, tmp_path, monkeypatch, args, rows):
+    from typer.testing import CliRunner
+
+    import llamacli.weights
+    from llamacli.cli import app
+
+    seen = []
+    real = llamacli.weights.load_model
+
+    def spy(*a, **kw):
+        seen.append(kw.get("decode_rows"))
+        return real(*a, **kw)
+
+    monkeypatch.setattr(llamacli.weights, "load_model", spy)
+    (tmp_path / "p.txt").write_text("the cat\nthe dog\n")
+    args = [str(tmp_path / "p.txt") if a == "P" else a for a in args]
+    result = CliRunner().invoke(app, ["generate", "-m", str(tiny_chat_dir), "--raw", "-n", "2", *args,
+                                      *([] if "--prompts-file" in args else ["-p", "the cat"])])
+    assert result.exit_code == 0, result.output
+    assert seen == [rows]
+
+
 def test_many_upcast_rows_are_packed_on_the_spot_with_the_same_result(monkeypatch):
     """From HALF_PACK_ROWS_MIN rows, half weights times fp32 inputs are upcast and oneDNN-packed per call,
     with the same product; fewer rows upcast without packing."""

@@ -278,9 +278,10 @@ def resolve(model: str, revision: Optional[str], dtype: Dtype) -> Path:
 
 def load_engine(model: str, revision: Optional[str], dtype: Dtype, device: Device, tokenizer=None,
                 chat_template=None, quantize: Optional[Quantize] = None, group_size: Optional[int] = None,
-                tensor_parallel: bool = False):
+                tensor_parallel: bool = False, decode_rows: Optional[int] = None):
     """Resolve --model and load the engine (quantized with --quantize; with `tensor_parallel` this rank loads
-    only its shard, the shape checked before any tensor is read); returns (engine, folder, seconds spent)."""
+    only its shard, the shape checked before any tensor is read; `decode_rows`: the rows its decode steps will
+    multiply, which picks the weights' layout, see `weights.load_model`); returns (engine, folder, seconds)."""
     import time
 
     from llamacli.generation import Engine
@@ -295,7 +296,7 @@ def load_engine(model: str, revision: Optional[str], dtype: Dtype, device: Devic
     start_distributed(device)
     t0 = time.perf_counter()
     folder = resolve(model, revision, dtype)
-    options = {"quantize": quant, "group_size": group_size}
+    options = {"quantize": quant, "group_size": group_size, "decode_rows": decode_rows}
     if tensor_parallel:
         options["shard"] = shard_plan(folder)
     engine = Engine.load(folder, dtype=dtype.value, device=device.value, tokenizer=tokenizer,

@@ -68,7 +68,7 @@ def chat(
             raise UsageError(f"under torchrun ({parallel.world_size()} ranks) chat needs --tensor-parallel")
         seed = shared_seed(seed)
         engine, folder, load_s = load_engine(model, revision, dtype, device, tokenizer, chat_template,
-                                             quantize, group_size, tensor_parallel)
+                                             quantize, group_size, tensor_parallel, decode_rows=spec.decode_rows)
         if engine.chat_template is None:
             raise TokenizerError(f"{folder}: this model has no chat template; chat needs one "
                                  "(pass --chat-template FILE, or use generate --raw)")

@@ -109,7 +109,8 @@ def generate(
         else:
             prepared = prepare_batch(prompts_file, output, resume, overwrite) if prompts_file is not None else None
         engine, folder, load_s = load_engine(model, revision, dtype, device, tokenizer, chat_template, quantize,
-                                             group_size, tensor_parallel)
+                                             group_size, tensor_parallel,
+                                             decode_rows=spec.decode_rows if prepared is None else batch_size)
         gen = engine.config.generation
         sampling = sampling_params(gen, temperature, top_k, top_p, min_p, repetition_penalty)
         request = Request(max_new_tokens=max_new_tokens or default_max_new_tokens(gen), sampling=sampling,

@@ -110,7 +110,8 @@ def serve(
 
         def load():
             return Engine.load(folder, dtype=dtype.value, device=device.value, tokenizer=tokenizer,
-                               chat_template=chat_template, quantize=quant, group_size=group_size)
+                               chat_template=chat_template, quantize=quant, group_size=group_size,
+                               decode_rows=batch_size)
 
         name = model_name or default_model_name(model)
         worker = Worker(load, batch_size=batch_size, max_queue=max_queue, context=context,

@@ -54,6 +54,11 @@ class DraftOptions:
                  ("--draft-quantize", self.draft_quantize))
         return [flag for flag, value in given if value is not None]
 
+    @property
+    def decode_rows(self) -> int:
+        """The rows the model's decode steps multiply: one token plain, a drafted round's k + 1 when verifying."""
+        return 1 + (self.draft_tokens or DEFAULT_DRAFT_TOKENS) if self.drafts else 1
+
     def check(self) -> None:
         """Validate the options before any model is loaded (UsageError, exit 2)."""
         from llamacli.weights import check_quantize
@@ -87,7 +92,7 @@ class DraftOptions:
             draft = DraftModel(self_draft(engine, folder, self.draft_quantize.value, self.draft_group_size, dtype,
                                           device, tensor_parallel), name=f"self-{self.draft_quantize.value}")
         else:
-            draft_engine, _, _ = load_engine(self.draft_model, revision, dtype, device)
+            draft_engine, _, _ = load_engine(self.draft_model, revision, dtype, device, decode_rows=1)
             check_same_vocabulary(engine, draft_engine, f"--draft-model {self.draft_model}")
             draft = DraftModel(draft_engine)
         return Speculator(engine, draft, self.draft_tokens or DEFAULT_DRAFT_TOKENS).stream
@@ -106,5 +111,5 @@ def self_draft(engine, folder: Path, quantize: str, group_size: Optional[int], d
                          "self-draft is quantized from a float checkpoint (use --draft-model for another one)")
     options = {"shard": shard_plan(folder)} if tensor_parallel else {}
     model = load_model(folder, dtype=dtype.value, device=device.value, quantize=quantize, group_size=group_size,
-                       **options)
+                       decode_rows=1, **options)
     return Engine(model, engine.tokenizer, engine.chat_template)

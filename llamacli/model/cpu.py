@@ -20,6 +20,13 @@ HALF_ROWS_MAX = 4  # on CPU, half-precision weights without native support compu
 # (SmolLM2 fp32, 2 threads, all weights): hint 1 -> 15.5 ms at 1 row, 25 ms at 8; hint 8 -> 10.7 / 14.0 ms.
 PACK_ROWS_HINT = 8
 
+# fp32 weights: oneDNN's packed layout is the faster product for several rows, MKL's on (in, out) storage
+# (`Transposed`) for one. Whole SmolLM2 fp32 forwards, AMD EPYC (AVX2), 1 thread, layouts alternating in one
+# process: a one-row decode step 53 ms transposed vs 77 ms packed (73 with a 1-row hint); 8 rows 143 ms packed vs
+# 195; prefill of 4 / 32 / 128 tokens 90 / 262 / 863 ms packed vs 108 / 288 / 932. A runtime that decodes one
+# stream (generate, chat, a draft model) is therefore laid out unpacked, a batch's or a server's packed.
+FP32_PACK_ROWS_MIN = 2
+
 # Half weights upcast for many rows (prefill) are also worth packing for oneDNN on the spot: the pack costs
 # about one more pass over the weight, the packed product saves more from here on. All SmolLM2 weights, fp16
 # on an AVX512 EPYC without native fp16, 2 threads: 64 rows 170 ms upcast vs 184 ms upcast+pack, 96 rows
@@ -64,6 +71,12 @@ def will_pack(dtype: torch.dtype) -> bool:
     """
     return onednn_available(dtype) and (
         dtype == torch.float32 or (dtype == torch.bfloat16 and cpu_has_native_bf16()))
+
+
+def pack_for_rows(dtype: torch.dtype, rows: int) -> bool:
+    """Whether CPU weights of `dtype` that `will_pack` should be packed for decode steps of `rows` rows (fp32: from
+    FP32_PACK_ROWS_MIN rows; native bf16 always)."""
+    return dtype != torch.float32 or rows >= FP32_PACK_ROWS_MIN
 
 
 def compute_dtype(dtype: torch.dtype, device: torch.device, rows: int) -> torch.dtype:
