@@ -421,6 +421,17 @@ def test_draft_length_turns_off_an_expensive_draft():
     assert all(length.speedup(k) < 1 for k in range(1, 9))
 
 
+def test_draft_length_a_stalled_plain_step_is_bounded_by_the_verify():
+    length = DraftLength(8)
+    length.plain(1.0)  # the machine stalled in the steps that measure a plain step
+    length.plain(1.0)
+    length.round(8, 8, 5.0, 9.0, 11)  # the untimed catch-up round
+    g = 11
+    for _ in range(DraftLength.MIN_ROUNDS):  # all kept, each draft token costs two plain steps: never pays
+        g = play(length, g, length.want(g), length.want(g), 2 * PLAIN_S, 0.002)
+    assert length.plain_s <= PLAIN_S + 8 * 0.002 and length.want(g) == 0
+
+
 def test_draft_length_recovers_after_the_backoff_and_its_catch_up_round_is_untimed():
     length = measured_length(4)
     g = 20

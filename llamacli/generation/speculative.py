@@ -227,6 +227,10 @@ class DraftLength:
             self.catch_up = False
         elif self.plain_s is not None:
             self.rounds += 1
+            # A verify forward does a plain step's work and more: it bounds the plain mean, which is measured only
+            # in plain steps (a stalled first step on a shared 2-core machine once read 1183 ms against a 57 ms
+            # verify, and every later estimate was skewed by it).
+            self.plain_s = min(self.plain_s, verify_seconds)
             self.draft_s = self._mean(self.draft_s, draft_seconds / drafted)
             self.extra_s = self._mean(self.extra_s, (verify_seconds - self.plain_s) / drafted)
         gains = {k: self.speedup(k) for k in range(1, self.k_max + 1)}
