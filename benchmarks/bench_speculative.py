@@ -8,8 +8,10 @@ same-tokenizer model of about N/30 of the per-token cost. `--draft-quantize int4
 it: an int4 copy (group 32) of the same checkpoint, quantized as it loads. Last, the measured per-forward costs:
 a 1-token step against a (k+1)-token verify forward at the same position, which bound what any draft can win.
 
-    python benchmarks/bench_speculative.py [--threads 2] [--new 128] [--layers 6] [--ks 2,4,8]
+    python benchmarks/bench_speculative.py [--threads 2] [--new 128] [--layers 6] [--ks 2,4,8] [--adaptive-ks 4]
         [--kinds lookup,layers,int4]  (a smoke run: --new 16 --ks 2 --kinds int4)
+
+`--ks` are the fixed-K runs, `--adaptive-ks` the adaptive ones (K their upper bound; default: --draft-tokens').
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from llamacli.generation import DraftModel, Engine, PromptLookup, Request, Speculator  # noqa: E402
+from llamacli.request import DEFAULT_DRAFT_TOKENS  # noqa: E402
 
 PASSAGE = (
     "The lighthouse on Carrow Point was built in 1871, after three ships were lost on the reef in a single winter. "
@@ -83,7 +86,7 @@ def run(engine, ids, n_new, stream) -> dict:
     out = {"tok_s": s.decode_tps, "tokens": fin.token_ids}
     if s.draft:
         out.update(rate=s.acceptance_rate, mean_accepted=s.accepted_tokens / max(1, s.verify_forwards),
-                   forwards=s.verify_forwards)
+                   mean_drafted=s.drafted_tokens / max(1, s.verify_forwards), forwards=s.verify_forwards)
     return out
 
 
@@ -109,7 +112,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--new", type=int, default=128)
     ap.add_argument("--layers", type=int, default=6, help="layers kept in the truncated draft")
-    ap.add_argument("--ks", default="2,4,8")
+    ap.add_argument("--ks", default="2,4,8", help="K of the fixed-K runs")
+    ap.add_argument("--adaptive-ks", default=str(DEFAULT_DRAFT_TOKENS), help="K (the upper bound) of the adaptive runs")
     ap.add_argument("--kinds", default="lookup,layers,int4", help="draft kinds: lookup, layers, int4")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -128,22 +132,25 @@ def main() -> None:
         engines["int4 self-draft"] = Engine(load_model(folder, dtype="float32", device="cpu", quantize="int4"),
                                             engine.tokenizer)
     ks = [int(k) for k in args.ks.split(",")]
+    runs = [(k, False) for k in ks] + [(int(k), True) for k in args.adaptive_ks.split(",")]
     kinds = ([("prompt-lookup 3", lambda: PromptLookup(3))] if "lookup" in wanted else []) + [
         (f"draft {name}", lambda e=e: DraftModel(e, name=name)) for name, e in engines.items()]
     print(f"SmolLM2-135M fp32, {args.threads} threads, {args.new} new tokens, greedy")
-    print("| workload | draft | K | adaptive | tok/s | vs plain | acceptance | mean accepted/round | same tokens |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| workload | draft | K | adaptive | tok/s | vs plain | acceptance | mean drafted/round | mean accepted/round "
+          "| same tokens |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for wname, text in (("grounded", GROUNDED), ("open-ended", OPEN)):
         ids = engine.chat_ids([{"role": "user", "content": text}])
         run(engine, ids, 8, engine.stream)  # warm-up
         plain = run(engine, ids, args.new, engine.stream)
-        print(f"| {wname} ({len(ids)} prompt tokens) | plain | - | - | {plain['tok_s']:.1f} | 1.00 | - | - | - |")
+        print(f"| {wname} ({len(ids)} prompt tokens) | plain | - | - | {plain['tok_s']:.1f} | 1.00 | - | - | - | - |")
         for kname, make in kinds:
-            for k, adaptive in [(k, False) for k in ks] + [(4, True)]:
+            for k, adaptive in runs:
                 r = run(engine, ids, args.new, Speculator(engine, make(), k, adaptive=adaptive).stream)
                 print(f"| {wname} | {kname} | {k} | {'yes' if adaptive else 'no'} | {r['tok_s']:.1f} | "
                       f"{r['tok_s'] / plain['tok_s']:.2f} | {r.get('rate', 0):.0%} | "
-                      f"{r.get('mean_accepted', 0):.2f} | {r['tokens'] == plain['tokens']} |", flush=True)
+                      f"{r.get('mean_drafted', 0):.2f} | {r.get('mean_accepted', 0):.2f} | "
+                      f"{r['tokens'] == plain['tokens']} |", flush=True)
     for name, e in [("SmolLM2-135M", engine)] + list(engines.items()):
         costs = forward_costs(e, 500)
         print(f"{name}: forward ms at position 500: " + ", ".join(f"T={t}: {ms:.1f}" for t, ms in costs.items()))

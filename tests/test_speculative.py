@@ -347,26 +347,149 @@ def test_always_accepted_stub(target):
 # -- the adaptive length, the vocabulary check ------------------------------------------------------------------
 
 
-def test_draft_length_adapts_and_turns_itself_off():
-    length = DraftLength(6)
+PLAIN_S = 0.040  # a plain step of the synthetic runs below: SmolLM2-135M fp32's ~41 ms
+
+
+def measured_length(k_max: int = 8, drafted: int | None = None, kept: int | None = None) -> DraftLength:
+    """A DraftLength past its plain steps and its untimed catch-up round (`drafted` tokens, `kept` of them kept;
+    k_max and all by default)."""
+    length = DraftLength(k_max)
     assert length.want(0) == 0  # plain steps first, to know what a step costs
-    length.plain(0.010)
-    length.plain(0.010)
-    assert length.want(2) == 6
-    length.round(6, 6, 5.0, 9)  # the first round carries the draft's prefill of the prompt: not timed
-    length.round(6, 1, 0.020, 11)  # kept 1 of 6: shorter
-    assert length.want(4) == 5
-    length.round(5, 5, 0.030, 10)  # kept all: longer again
-    assert length.want(10) == 6
-    for g in range(11, 20):  # rounds cost more per token than plain steps: off for 16 tokens, then retried
-        length.round(6, 0, 0.030, g)
+    length.plain(PLAIN_S)
+    length.plain(PLAIN_S)
+    assert length.want(2) == k_max
+    drafted = k_max if drafted is None else drafted
+    kept = drafted if kept is None else kept
+    length.round(drafted, kept, 5.0, 9.0, 2 + kept + 1)  # carries the draft's prefill of the prompt: not timed
+    assert length.draft_s is None and length.extra_s is None and length.rounds == 0
+    return length
+
+
+def play(length: DraftLength, generated: int, kept: int, drafted: int, draft_s: float, extra_s: float) -> int:
+    """One round of `drafted` tokens that kept `kept`: the draft costs draft_s a token, the verify a plain step
+    plus extra_s a drafted position. Returns the generated count after it."""
+    generated += kept + 1
+    length.round(drafted, kept, drafted * draft_s, PLAIN_S + drafted * extra_s, generated)
+    return generated
+
+
+def test_draft_length_high_acceptance_and_a_cheap_draft_draft_long():
+    length = measured_length(8)
+    g = play(length, 11, 8, 8, 0.010, 0.002)  # the int4 self-draft's shape: all kept, a quarter of a step a token
+    assert length.want(g) == 8
+    for _ in range(6):
+        g = play(length, g, 8, 8, 0.010, 0.002)
+    assert length.want(g) == 8 and length.acceptance() == 1.0
+    assert length.speedup(8) == pytest.approx(9 * PLAIN_S / (PLAIN_S + 8 * 0.012))
+
+
+def test_draft_length_picks_the_k_with_the_most_tokens_per_second():
+    length = measured_length(8, 10, 9)
+    g = 20
+    for _ in range(10):  # 9 of 10 kept and one rejected: a = 0.9 per drafted position
+        g = play(length, g, 9, 10, 0.010, 0.005)
+    assert length.acceptance() == pytest.approx(0.9)
+    # E(k) = (1 - 0.9^(k+1)) / 0.1 tokens in 40 + 15k ms: k = 3, 4, 5 give 1.618, 1.638, 1.630x plain
+    assert length.want(g) == 4
+    assert length.speedup(4) == pytest.approx(4.0951 * 0.040 / 0.100)
+
+
+def test_draft_length_low_acceptance_drafts_short_then_turns_off():
+    length = measured_length(8, 5, 1)
+    g = 20
+    for _ in range(3):  # kept 1 of 5 and rejected the next: a = 0.5, a nearly free draft (prompt lookup)
+        g = play(length, g, 1, 5, 0.0001, 0.005)
+    assert length.acceptance() == pytest.approx(0.5) and length.want(g) == 2  # 1.39x at k=2, 1.33x at k=1, 1.36x at k=3
+    ks = []
+    for _ in range(20):  # nothing kept any more: a falls, k falls to 1, then no k pays
+        g = play(length, g, 0, length.want(g), 0.0001, 0.005)
         if length.want(g) == 0:
             break
-    assert g < 19 and length.want(g + 15) == 0 and length.want(g + 16) == 3
-    for _ in range(8):  # the round after an off period catches up on the plain steps' tokens: not timed either
-        length.round(3, 3, 0.005, g + 16)
-    assert length.want(g + 40) > 0 and length.round_s == pytest.approx(0.005 / 4)
-    assert DraftLength(6, adaptive=False).want(0) == 6
+        ks.append(length.want(g))
+    assert ks == sorted(ks, reverse=True) and ks[0] == 2 and ks[-1] == 1 and len(ks) < 19
+    assert length.want(g + 15) == 0 and length.want(g + 16) == 8  # off for 16 tokens, then measured afresh
+    assert length.acceptance() is None and length.catch_up
+
+
+def test_draft_length_turns_off_an_expensive_draft():
+    length = measured_length(8)
+    g = 20
+    for i in range(DraftLength.MIN_ROUNDS):  # all kept, but each draft token costs a plain step
+        assert length.want(g) > 0, i
+        g = play(length, g, length.want(g), length.want(g), PLAIN_S, 0.002)
+    assert length.want(g) == 0 and length.want(g + 16) == 8
+    assert all(length.speedup(k) < 1 for k in range(1, 9))
+
+
+def test_draft_length_a_stalled_plain_step_is_bounded_by_the_verify():
+    length = DraftLength(8)
+    length.plain(1.0)  # the machine stalled in the steps that measure a plain step
+    length.plain(1.0)
+    length.round(8, 8, 5.0, 9.0, 11)  # the untimed catch-up round
+    g = 11
+    for _ in range(DraftLength.MIN_ROUNDS):  # all kept, each draft token costs two plain steps: never pays
+        g = play(length, g, length.want(g), length.want(g), 2 * PLAIN_S, 0.002)
+    assert length.plain_s <= PLAIN_S + 8 * 0.002 and length.want(g) == 0
+
+
+def test_draft_length_recovers_after_the_backoff_and_its_catch_up_round_is_untimed():
+    length = measured_length(4)
+    g = 20
+    for _ in range(20):  # nothing kept: off
+        g = play(length, g, 0, length.want(g), 0.0001, 0.003)
+        if length.want(g) == 0:
+            break
+    assert length.want(g) == 0
+    draft_s, extra_s = length.draft_s, length.extra_s
+    for _ in range(16):  # the plain steps of the off period
+        length.plain(PLAIN_S)
+        g += 1
+    assert length.want(g) == 4
+    g = play(length, g, 4, 4, 1.0, 2.0)  # the draft catches up on the plain steps' tokens: not timed
+    assert (length.draft_s, length.extra_s, length.rounds) == (draft_s, extra_s, 0)
+    for _ in range(12):  # the text copies its input now: everything kept, and speculation stays on
+        assert length.want(g) == 4
+        g = play(length, g, 4, 4, 0.0001, 0.003)
+    assert length.acceptance() == 1.0 and length.backoff == 32  # the next off period would be longer
+
+
+def test_draft_length_fixed():
+    length = DraftLength(6, adaptive=False)
+    assert length.want(0) == 6
+    for g in range(10, 60, 10):  # rounds that never pay change nothing
+        length.round(6, 0, 1.0, 1.0, g)
+        assert length.want(g) == 6
+    with pytest.raises(UsageError, match="--draft-tokens"):
+        DraftLength(0)
+
+
+def test_speculator_times_the_draft_and_the_verify_apart(target, monkeypatch):
+    import types
+
+    from llamacli.generation import speculative
+
+    clock = [0.0]  # a fake clock: 1 ms a reading, and a draft that takes a second (a real one is noisy under load)
+
+    def perf_counter():
+        clock[0] += 0.001
+        return clock[0]
+
+    class SlowGuess:
+        name = "slow-guess"
+
+        def propose(self, ids, k, params):
+            clock[0] += 1.0
+            return [ids[-1]] * k, None
+
+    monkeypatch.setattr(speculative, "time", types.SimpleNamespace(perf_counter=perf_counter))
+    rounds = []
+    real = DraftLength.round
+    monkeypatch.setattr(DraftLength, "round", lambda self, *args: (rounds.append(args), real(self, *args)))
+    req = Request(max_new_tokens=12, ignore_eos=True)
+    _, fin = events_of(Speculator(target, SlowGuess(), 3).stream(PROMPT, req))
+    assert fin.token_ids == target.generate(PROMPT, req).token_ids and rounds
+    for drafted, accepted, draft_seconds, verify_seconds, _ in rounds:
+        assert draft_seconds == pytest.approx(1.0, abs=0.005) and 0 < verify_seconds < 0.005
 
 
 def test_adaptive_run_still_equals_plain(target, other):

@@ -32,8 +32,9 @@ PromptLookupOpt = Annotated[Optional[int], typer.Option(
                                    "(no second model): fast when the reply copies its input (summaries, rewrites, "
                                    "extraction).", show_default=False, rich_help_panel=_SPEC)]
 DraftTokensOpt = Annotated[Optional[int], typer.Option(
-    "--draft-tokens", min=1, help=f"Most tokens drafted per round (default {DEFAULT_DRAFT_TOKENS}); fewer when few "
-                                  "are kept, and none for a while when speculation is not paying.",
+    "--draft-tokens", min=1, help=f"Most tokens drafted per round (default {DEFAULT_DRAFT_TOKENS}); each round "
+                                  "drafts as many as measured acceptance and costs make fastest, none for a while "
+                                  "when no number beats plain decoding.",
     show_default=False, rich_help_panel=_SPEC)]
 
 

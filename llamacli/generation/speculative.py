@@ -11,8 +11,9 @@ in a draft model's.
 
 Drafts implement `propose(ids, k, params) -> (tokens, probs | None)`: `PromptLookup` (n-gram match over the
 prompt and the text so far) and `DraftModel` (any `Engine`: a smaller checkpoint with the same tokenizer, or a
-quantized copy of the model itself). `DraftLength` shortens the draft when little is accepted and switches
-speculation off for a while when a round's time per token is worse than a plain step's.
+quantized copy of the model itself). `DraftLength` picks each round's k from what the run has measured (the
+acceptance rate, the draft's and the verify's costs, a plain step's): the k with the most expected tokens per
+second, or none for a while when no k beats plain steps.
 """
 
 from __future__ import annotations
@@ -145,25 +146,40 @@ def check_same_vocabulary(target, draft, where: str) -> None:
 
 
 class DraftLength:
-    """How many tokens to draft next: shorter after a round that kept less than half, longer after one that kept
-    all (up to `k_max`); off for a while (16, then 32, 64 ... tokens) when speculative rounds cost more time per
-    token than plain steps. `adaptive=False` always drafts `k_max` (tests, benchmarks of a fixed K).
+    """How many tokens to draft next (0: a plain step), from a cost model measured as the run goes.
+
+    It tracks the acceptance rate per drafted position `a` (a round that kept m of k gives m accepted positions and
+    one rejection when m < k; the positions after a rejection tell nothing), the draft's seconds per drafted token,
+    the verify forward's seconds per drafted position beyond a plain step, and a plain step's seconds. A round of k
+    then yields E(k) = (1 - a^(k+1)) / (1 - a) tokens in time(k) = plain + k * (draft + verify extra) (the verify
+    always yields one more token), and the next round drafts the k in 1..k_max with the most tokens per second.
+    When even that is no faster than plain steps (after `MIN_ROUNDS` timed rounds), speculation is off for a while
+    (16, then 32, 64 ... tokens) and is measured afresh after. `adaptive=False` always drafts `k_max` (tests,
+    benchmarks of a fixed K).
+
+    Why a model and not +1/-1 steps: those lost to a fixed K at high acceptance (int4 self-draft, open-ended story,
+    K=4: 1.29x plain adaptive vs 1.47x fixed; one early rejection cut K for several rounds), and turned prompt
+    lookup off on open-ended text where its free drafts still paid (0.98x vs 1.10x fixed).
 
     The first round, and the first after an off period, is not timed: a draft model catches up on every token it
     has not seen in it (the whole prompt, or the plain steps' tokens), a cost that later rounds do not pay (an int4
     self-draft's prefill of a 441-token prompt made every run with it turn itself off: 0.97x plain vs 1.32x)."""
 
     PLAIN_FIRST = 2  # plain steps that measure a step's time before the first round
-    ALPHA = 0.3  # weight of the newest measurement in the running means
+    MIN_ROUNDS = 4  # timed rounds before the model may switch speculation off
+    ALPHA = 0.3  # weight of the newest timing in the running means
+    KEEP = 0.9  # weight of the past acceptance counts at each round: a memory of about ten rounds
 
     def __init__(self, k_max: int, adaptive: bool = True):
         if k_max < 1:
             raise UsageError(f"--draft-tokens must be >= 1, got {k_max}")
         self.k_max, self.k, self.adaptive = k_max, k_max, adaptive
         self.plain_s: float | None = None  # running mean: seconds per plain step
-        self.round_s: float | None = None  # running mean: seconds per token of a speculative round
+        self.draft_s: float | None = None  # running mean: the draft's seconds per drafted token
+        self.extra_s: float | None = None  # running mean: verify seconds per drafted position beyond a plain step
+        self.accepted = self.observed = 0.0  # decayed counts of accepted and observed drafted positions
         self.plain_steps = 0
-        self.rounds = 0
+        self.rounds = 0  # timed rounds since the last off period
         self.off_until = 0  # generated-token count before which speculation stays off
         self.backoff = 16
         self.catch_up = True  # the next round carries the draft's catch-up: not timed
@@ -184,24 +200,48 @@ class DraftLength:
         self.plain_steps += 1
         self.plain_s = self._mean(self.plain_s, seconds)
 
-    def round(self, drafted: int, accepted: int, seconds: float, generated: int) -> None:
-        """A round drafted `drafted` tokens, kept `accepted`, and took `seconds` (draft + verify)."""
+    def acceptance(self) -> float | None:
+        """The measured acceptance rate per drafted position (None before any round)."""
+        return self.accepted / self.observed if self.observed > 0 else None
+
+    def expected_tokens(self, k: int) -> float:
+        """Tokens a round of k drafts yields on average: the kept drafts plus the verify's own token."""
+        a = self.acceptance()
+        return k + 1.0 if a is None or a >= 1.0 else (1.0 - a ** (k + 1)) / (1.0 - a)
+
+    def speedup(self, k: int) -> float | None:
+        """Tokens per second of rounds of k drafts over plain steps' (None until both are timed)."""
+        if self.plain_s is None or self.draft_s is None or self.extra_s is None:
+            return None
+        seconds = self.plain_s + k * (self.draft_s + max(0.0, self.extra_s))
+        return self.expected_tokens(k) * self.plain_s / seconds
+
+    def round(self, drafted: int, accepted: int, draft_seconds: float, verify_seconds: float, generated: int) -> None:
+        """A round drafted `drafted` tokens in `draft_seconds`, kept `accepted`, and its verify forward (with the
+        handing out of its tokens) took `verify_seconds`; `generated` tokens are out after it."""
         if not self.adaptive:
             return
-        if accepted == drafted:
-            self.k = min(self.k_max, self.k + 1)
-        elif 2 * accepted < drafted:
-            self.k = max(1, self.k - 1)
+        self.accepted = self.KEEP * self.accepted + accepted
+        self.observed = self.KEEP * self.observed + accepted + (accepted < drafted)
         if self.catch_up:
             self.catch_up = False
-            return
-        self.rounds += 1
-        self.round_s = self._mean(self.round_s, seconds / (accepted + 1))
-        if self.rounds >= 4 and self.plain_s is not None and self.round_s > self.plain_s:
-            self.off_until = generated + self.backoff  # not paying: plain steps for a while, then try again
+        elif self.plain_s is not None:
+            self.rounds += 1
+            # A verify forward does a plain step's work and more: it bounds the plain mean, which is measured only
+            # in plain steps (a stalled first step on a shared 2-core machine once read 1183 ms against a 57 ms
+            # verify, and every later estimate was skewed by it).
+            self.plain_s = min(self.plain_s, verify_seconds)
+            self.draft_s = self._mean(self.draft_s, draft_seconds / drafted)
+            self.extra_s = self._mean(self.extra_s, (verify_seconds - self.plain_s) / drafted)
+        gains = {k: self.speedup(k) for k in range(1, self.k_max + 1)}
+        if gains[1] is None:
+            return  # nothing timed yet: keep drafting k_max
+        self.k = max(gains, key=gains.get)
+        if self.rounds >= self.MIN_ROUNDS and gains[self.k] <= 1.0:
+            self.off_until = generated + self.backoff  # not paying: plain steps for a while, then measure again
             self.backoff *= 2
-            self.rounds, self.round_s, self.k = 0, None, max(1, self.k_max // 2)
-            self.catch_up = True
+            self.rounds, self.k, self.catch_up = 0, self.k_max, True
+            self.accepted = self.observed = 0.0  # the text may change; the costs are the draft's and stay
 
 
 class Speculator:
@@ -232,6 +272,7 @@ class Speculator:
             k = min(length.want(generated), room)
             drafted, probs = draft.propose(prompt_ids + seq.token_ids, k, request.sampling) if k > 0 else ([], None)
             drafted = drafted[:k]
+            draft_seconds = time.perf_counter() - t0
             if not drafted:
                 step.fill_(seq.last_token)
                 logits = model(step, seq.pos, cache)[0, -1]
@@ -259,5 +300,6 @@ class Speculator:
             seq.stats.drafted_tokens += len(drafted)
             seq.stats.accepted_tokens += accepted
             seq.stats.verify_forwards += 1
-            length.round(len(drafted), accepted, time.perf_counter() - t0, len(seq.token_ids))
+            length.round(len(drafted), accepted, draft_seconds, time.perf_counter() - t0 - draft_seconds,
+                         len(seq.token_ids))
             yield from events
