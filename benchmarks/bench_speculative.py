@@ -5,8 +5,9 @@ input-grounded workload (rewrite a ~400-token passage given in the prompt) and a
 SmolLM2-135M has no smaller sibling with its tokenizer, so `--draft-model` is measured with a draft built here:
 the checkpoint's first N layers (and its embeddings, final norm and head) written to a temp folder, a
 same-tokenizer model of about N/30 of the per-token cost. `--draft-quantize int4` is measured as the CLI runs
-it: an int4 copy (group 32) of the same checkpoint, quantized as it loads. Last, the measured per-forward costs:
-a 1-token step against a (k+1)-token verify forward at the same position, which bound what any draft can win.
+it: an int4 copy (group 32) of the same checkpoint, quantized as it loads, sharing the model's KV cache. Last, the
+measured per-forward costs: a 1-token step against a (k+1)-token verify forward at the same position, which bound
+what any draft can win.
 
     python benchmarks/bench_speculative.py [--threads 2] [--new 128] [--layers 6] [--ks 2,4,8] [--adaptive-ks 4]
         [--kinds lookup,layers,int4]  (a smoke run: --new 16 --ks 2 --kinds int4)
@@ -121,28 +122,33 @@ def main() -> None:
     from tests.smollm2 import smollm2_checkpoint
 
     folder = smollm2_checkpoint()
-    engine = Engine.load(folder, dtype="float32", device="cpu")
+    # As the CLI loads them: plain decoding one row at a time (unpacked fp32), the model that verifies drafts for
+    # (k+1)-row forwards (packed), a draft for one row at a time.
+    plain_engine = Engine.load(folder, dtype="float32", device="cpu", decode_rows=1)
+    engine = Engine.load(folder, dtype="float32", device="cpu", decode_rows=1 + DEFAULT_DRAFT_TOKENS)
     tmp = Path(tempfile.mkdtemp())
     wanted = set(args.kinds.split(","))
     engines = {}
     if "layers" in wanted:
         engines[f"first {args.layers} layers"] = Engine.load(truncated_checkpoint(folder, tmp, args.layers),
-                                                             dtype="float32", device="cpu")
+                                                             dtype="float32", device="cpu", decode_rows=1)
     if "int4" in wanted:  # what --draft-quantize int4 loads: the same checkpoint, quantized layer by layer
-        engines["int4 self-draft"] = Engine(load_model(folder, dtype="float32", device="cpu", quantize="int4"),
+        engines["int4 self-draft"] = Engine(load_model(folder, dtype="float32", device="cpu", quantize="int4",
+                                                       decode_rows=1),
                                             engine.tokenizer)
     ks = [int(k) for k in args.ks.split(",")]
     runs = [(k, False) for k in ks] + [(int(k), True) for k in args.adaptive_ks.split(",")]
     kinds = ([("prompt-lookup 3", lambda: PromptLookup(3))] if "lookup" in wanted else []) + [
-        (f"draft {name}", lambda e=e: DraftModel(e, name=name)) for name, e in engines.items()]
+        (f"draft {name}", lambda e=e, name=name: DraftModel(e, name=name, share_cache=name == "int4 self-draft"))
+        for name, e in engines.items()]
     print(f"SmolLM2-135M fp32, {args.threads} threads, {args.new} new tokens, greedy")
     print("| workload | draft | K | adaptive | tok/s | vs plain | acceptance | mean drafted/round | mean accepted/round "
           "| same tokens |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for wname, text in (("grounded", GROUNDED), ("open-ended", OPEN)):
         ids = engine.chat_ids([{"role": "user", "content": text}])
-        run(engine, ids, 8, engine.stream)  # warm-up
-        plain = run(engine, ids, args.new, engine.stream)
+        run(plain_engine, ids, 8, plain_engine.stream)  # warm-up
+        plain = run(plain_engine, ids, args.new, plain_engine.stream)
         print(f"| {wname} ({len(ids)} prompt tokens) | plain | - | - | {plain['tok_s']:.1f} | 1.00 | - | - | - | - |")
         for kname, make in kinds:
             for k, adaptive in runs:
@@ -151,7 +157,8 @@ def main() -> None:
                       f"{r['tok_s'] / plain['tok_s']:.2f} | {r.get('rate', 0):.0%} | "
                       f"{r.get('mean_drafted', 0):.2f} | {r.get('mean_accepted', 0):.2f} | "
                       f"{r['tokens'] == plain['tokens']} |", flush=True)
-    for name, e in [("SmolLM2-135M", engine)] + list(engines.items()):
+    for name, e in [("SmolLM2-135M, plain layout", plain_engine), ("SmolLM2-135M, verify layout", engine)] + list(
+            engines.items()):
         costs = forward_costs(e, 500)
         print(f"{name}: forward ms at position 500: " + ", ".join(f"T={t}: {ms:.1f}" for t, ms in costs.items()))
     shutil.rmtree(tmp, ignore_errors=True)

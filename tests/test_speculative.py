@@ -36,9 +36,10 @@ def target(target_dir):
 
 
 def self_draft(engine, folder, quantize: str) -> DraftModel:
-    """The --draft-quantize draft: a quantized copy of the model's own checkpoint, sharing its tokenizer."""
+    """The --draft-quantize draft: a quantized copy of the model's own checkpoint, sharing its tokenizer and its
+    KV cache."""
     return DraftModel(Engine(load_model(folder, dtype="float32", device="cpu", quantize=quantize), engine.tokenizer),
-                      name=f"self-{quantize}")
+                      name=f"self-{quantize}", share_cache=True)
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +58,9 @@ def other(tmp_path_factory):
 
 def drafts(target, other, quantized):
     return {"lookup": PromptLookup(3), "other": DraftModel(other), "self": DraftModel(target),
-            **{f"self-{q}": DraftModel(e, name=f"self-{q}") for q, e in quantized.items()}}
+            "self-shared": DraftModel(target, share_cache=True),
+            **{f"self-{q}": DraftModel(e, name=f"self-{q}", share_cache=True) for q, e in quantized.items()},
+            **{f"self-{q}-own-cache": DraftModel(e, name=f"self-{q}") for q, e in quantized.items()}}
 
 
 def events_of(stream):
@@ -66,7 +69,8 @@ def events_of(stream):
     return [(e.token_id, e.text, e.logprob) for e in events if isinstance(e, TokenEvent)], events[-1]
 
 
-@pytest.mark.parametrize("kind", ["lookup", "other", "self", "self-int4", "self-int8"])
+@pytest.mark.parametrize("kind", ["lookup", "other", "self", "self-shared", "self-int4", "self-int8",
+                                  "self-int4-own-cache"])
 @pytest.mark.parametrize("k", [1, 3, 6])
 def test_greedy_equals_plain(target, other, quantized, kind, k):
     req = Request(max_new_tokens=40, ignore_eos=True, logprobs=True)
@@ -105,9 +109,37 @@ def test_max_new_tokens_reached_mid_draft(target, quantized, quant, n_new):
     req = Request(max_new_tokens=n_new, ignore_eos=True)
     expected = target.generate(PROMPT, req).token_ids
     for k in (4, 6):
-        draft = DraftModel(target if quant is None else quantized[quant])
+        draft = DraftModel(target) if quant is None else DraftModel(quantized[quant], share_cache=True)
         _, fin = events_of(Speculator(target, draft, k, adaptive=False).stream(PROMPT, req))
         assert fin.token_ids == expected and len(expected) == n_new and fin.reason == "length"
+
+
+def test_a_draft_sharing_the_model_cache_runs_one_token_forwards_and_keeps_every_greedy_draft(target):
+    """The model itself as a cache-sharing draft: no prefill and no catch-up in the draft (one-token forwards
+    after the model's positions), every greedy draft kept, the output plain greedy decoding's."""
+    calls = []
+
+    class Recorded:
+        def __init__(self, model):
+            self.model, self.config, self.device, self.dtype = model, model.config, model.device, model.dtype
+
+        def __call__(self, tokens, start_pos, cache, last_only=False):
+            calls.append((tokens.shape[1], start_pos))
+            return self.model(tokens, start_pos, cache, last_only=last_only)
+
+    draft_engine = Engine(Recorded(target.model), target.tokenizer)
+    req = Request(max_new_tokens=24, ignore_eos=True)
+    expected = target.generate(PROMPT, req).token_ids
+    _, fin = events_of(Speculator(target, DraftModel(draft_engine, share_cache=True), 4, adaptive=False)
+                       .stream(PROMPT, req))
+    assert fin.token_ids == expected
+    assert fin.stats.accepted_tokens == fin.stats.drafted_tokens > 0
+    assert {t for t, _ in calls} == {1} and min(p for _, p in calls) == len(PROMPT)  # the first new token
+    own = []
+    draft_engine = Engine(Recorded(target.model), target.tokenizer)
+    calls = own
+    events_of(Speculator(target, DraftModel(draft_engine), 4, adaptive=False).stream(PROMPT, req))
+    assert own[0] == (len(PROMPT) + 1, 0)  # a draft with its own cache prefills the prompt and first token
 
 
 def test_context_limit(target, other, quantized):

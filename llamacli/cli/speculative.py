@@ -91,7 +91,8 @@ class DraftOptions:
             draft = PromptLookup(self.prompt_lookup)
         elif self.draft_quantize is not None:
             draft = DraftModel(self_draft(engine, folder, self.draft_quantize.value, self.draft_group_size, dtype,
-                                          device, tensor_parallel), name=f"self-{self.draft_quantize.value}")
+                                          device, tensor_parallel), name=f"self-{self.draft_quantize.value}",
+                               share_cache=True)
         else:
             draft_engine, _, _ = load_engine(self.draft_model, revision, dtype, device, decode_rows=1)
             check_same_vocabulary(engine, draft_engine, f"--draft-model {self.draft_model}")

@@ -1,0 +1,71 @@
+"""fp32 weight layouts on a CPU: oneDNN-packed against MKL on (in, out) storage, per rows a forward multiplies.
+
+    python benchmarks/bench_layout.py [--model DIR] [--threads 1,2] [--rows 1,8] [--prefill 128] [--steps 30]
+
+Loads the checkpoint twice in fp32, packed (`Packed`) and unpacked (`Transposed`), and times, layouts alternating
+three times, each median of --steps: a decode step of R rows (KV cache at 128 positions) for each --rows, and a
+prefill of --prefill tokens. The fastest layout per row count is what `model/cpu.pack_for_rows` encodes
+(`load_model(decode_rows=...)`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from llamacli.bench import median_ms  # noqa: E402
+from llamacli.kv_cache import KVCache  # noqa: E402
+from llamacli.weights import load_model  # noqa: E402
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", help="checkpoint folder (default: the SmolLM2 test checkpoint)")
+    ap.add_argument("--threads", default="1,2")
+    ap.add_argument("--rows", default="1,8")
+    ap.add_argument("--prefill", type=int, default=128)
+    ap.add_argument("--steps", type=int, default=30)
+    args = ap.parse_args()
+    if args.model:
+        folder = Path(args.model)
+    else:
+        from tests.smollm2 import smollm2_checkpoint
+
+        folder = smollm2_checkpoint()
+    models = {name: load_model(folder, dtype="float32", device="cpu", pack=pack)
+              for name, pack in (("packed", True), ("unpacked", False))}
+    print(f"{folder.name} fp32, CPU {torch.backends.cpu.get_cpu_capability()}; ms, best of 3 alternating medians")
+    print(f"{'threads':>7} {'work':>16} {'packed ms':>10} {'unpacked ms':>12} {'unpacked/packed':>16}")
+    for threads in (int(t) for t in args.threads.split(",")):
+        torch.set_num_threads(threads)
+        work = {}
+        with torch.inference_mode():
+            for rows in (int(r) for r in args.rows.split(",")):
+                caches = {}
+                for name, model in models.items():
+                    caches[name] = KVCache(model.config, rows, 128 + 8, dtype=torch.float32)
+                    model(torch.randint(0, 1000, (rows, 128)), 0, caches[name], last_only=True)
+                token = torch.zeros(rows, 1, dtype=torch.long)
+                work[f"decode {rows} row{'s' if rows > 1 else ''}"] = {
+                    name: (lambda m=model, c=caches[name]: m(token, 128, c, last_only=True))
+                    for name, model in models.items()}
+            ids = torch.randint(0, 1000, (1, args.prefill))
+            work[f"prefill {args.prefill}"] = {name: (lambda m=model: m(ids, last_only=True))
+                                               for name, model in models.items()}
+            for label, fns in work.items():
+                times: dict[str, list[float]] = {name: [] for name in fns}
+                for _ in range(3):  # layouts alternating
+                    for name, fn in fns.items():
+                        times[name].append(median_ms(fn, args.steps if "decode" in label else 3, warmup=2))
+                ms = {name: min(t) for name, t in times.items()}
+                print(f"{threads:>7} {label:>16} {ms['packed']:>10.1f} {ms['unpacked']:>12.1f} "
+                      f"{ms['unpacked'] / ms['packed']:>16.2f}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
