@@ -52,7 +52,7 @@ def main() -> None:
                     model(torch.randint(0, 1000, (rows, 128)), 0, caches[name], last_only=True)
                 token = torch.zeros(rows, 1, dtype=torch.long)
                 work[f"decode {rows} row{'s' if rows > 1 else ''}"] = {
-                    name: (lambda m=model, c=caches[name]: m(token, 128, c, last_only=True))
+                    name: (lambda m=model, c=caches[name], t=token: m(t, 128, c, last_only=True))
                     for name, model in models.items()}
             ids = torch.randint(0, 1000, (1, args.prefill))
             work[f"prefill {args.prefill}"] = {name: (lambda m=model: m(ids, last_only=True))

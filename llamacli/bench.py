@@ -23,7 +23,7 @@ from llamacli import layout
 from llamacli.errors import UsageError
 from llamacli.kv_cache import KVCache
 from llamacli.model import Llama, Runtime
-from llamacli.model.cpu import FP32_PACK_ROWS_MIN
+from llamacli.model.cpu import pack_for_rows
 
 
 @dataclass
@@ -208,7 +208,7 @@ def run_bench(folder, prompt_tokens: list[int], gen_tokens: int, batch_sizes: li
     """Load the checkpoint once per dtype and quantization (None: as stored) and weight layout, and bench it,
     then measure the memory bandwidth; a quantized row's dtype reads 'float32+int8' (activations + weights).
     Batch sizes are measured on the layout `generate` loads for them (`weights.load_model`'s `decode_rows`: one
-    row unpacked fp32, several packed), so batch 1 is what `generate` decodes at.
+    row on one thread unpacked fp32, else packed), so batch 1 is what `generate` decodes at.
 
     `shard` (a `parallel.ShardPlan`): bench this tensor-parallel rank's shard (run by every rank at once)."""
     from llamacli.weights import load_model, resolve_device
@@ -223,7 +223,7 @@ def run_bench(folder, prompt_tokens: list[int], gen_tokens: int, batch_sizes: li
     rows = []
     layouts: dict[bool, list[int]] = {}  # batch sizes by the layout they load: several rows packed or not
     for b in batch_sizes:
-        layouts.setdefault(b >= FP32_PACK_ROWS_MIN, []).append(b)
+        layouts.setdefault(pack_for_rows(torch.float32, b), []).append(b)
     for dtype, quant in [(d, q) for d in dtypes for q in (quantize or [None])]:
         new_rows = []
         float32 = quant is None and dtype not in ("bfloat16", "float16")  # the layout differs for fp32 only

@@ -242,11 +242,18 @@ def test_bf16_is_packed_exactly_where_the_cpu_has_native_bf16(tiny_dir):
         torch.testing.assert_close(model(ids).float(), plain(ids).float(), atol=3e-2, rtol=3e-2)
 
 
-def test_decode_rows_pick_the_layout_one_fp32_row_unpacked_several_packed(tiny_dir):
+def test_decode_rows_pick_the_layout_one_fp32_row_on_one_thread_unpacked_else_packed(tiny_dir):
     def kinds(model):
         return {type(f).__name__ for f in model.formats().values()}
 
-    one, batch = (load_model(tiny_dir, dtype="float32", device="cpu", decode_rows=r) for r in (1, 8))
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        assert kinds(load_model(tiny_dir, dtype="float32", device="cpu", decode_rows=1)) == {"Packed"}
+        torch.set_num_threads(1)
+        one, batch = (load_model(tiny_dir, dtype="float32", device="cpu", decode_rows=r) for r in (1, 8))
+    finally:
+        torch.set_num_threads(threads)
     assert kinds(one) == {"Transposed"} and kinds(batch) == {"Packed"}
     assert kinds(load_model(tiny_dir, dtype="float32", device="cpu")) == {"Packed"}  # no hint: prefill-heavy work
     bf16 = kinds(load_model(tiny_dir, dtype="bfloat16", device="cpu"))

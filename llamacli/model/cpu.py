@@ -20,11 +20,12 @@ HALF_ROWS_MAX = 4  # on CPU, half-precision weights without native support compu
 # (SmolLM2 fp32, 2 threads, all weights): hint 1 -> 15.5 ms at 1 row, 25 ms at 8; hint 8 -> 10.7 / 14.0 ms.
 PACK_ROWS_HINT = 8
 
-# fp32 weights: oneDNN's packed layout is the faster product for several rows, MKL's on (in, out) storage
-# (`Transposed`) for one. Whole SmolLM2 fp32 forwards, AMD EPYC (AVX2), 1 thread, layouts alternating in one
-# process: a one-row decode step 53 ms transposed vs 77 ms packed (73 with a 1-row hint); 8 rows 143 ms packed vs
-# 195; prefill of 4 / 32 / 128 tokens 90 / 262 / 863 ms packed vs 108 / 288 / 932. A runtime that decodes one
-# stream (generate, chat, a draft model) is therefore laid out unpacked, a batch's or a server's packed.
+# fp32 weights: oneDNN's packed layout is the faster product for several rows, and on one thread MKL's on (in, out)
+# storage (`Transposed`) for one row; MKL's one-row product does not use a second thread, oneDNN's does. Whole
+# SmolLM2 fp32 forwards, AMD EPYC (AVX2), layouts alternating (`benchmarks/bench_layout.py`): one thread, a one-row
+# decode step 50.0 ms unpacked vs 68.3 packed, 8 rows 171 vs 123, a 128-token prefill 811 vs 740; two threads,
+# one row 52.9 vs 53.1 (51 vs 56 in another run), 8 rows 206 vs 90, prefill 561 vs 484. So only a runtime that
+# decodes one stream (generate, chat, a draft model) on one thread is laid out unpacked.
 FP32_PACK_ROWS_MIN = 2
 
 # Half weights upcast for many rows (prefill) are also worth packing for oneDNN on the spot: the pack costs
@@ -73,10 +74,11 @@ def will_pack(dtype: torch.dtype) -> bool:
         dtype == torch.float32 or (dtype == torch.bfloat16 and cpu_has_native_bf16()))
 
 
-def pack_for_rows(dtype: torch.dtype, rows: int) -> bool:
-    """Whether CPU weights of `dtype` that `will_pack` should be packed for decode steps of `rows` rows (fp32: from
-    FP32_PACK_ROWS_MIN rows; native bf16 always)."""
-    return dtype != torch.float32 or rows >= FP32_PACK_ROWS_MIN
+def pack_for_rows(dtype: torch.dtype, rows: int, threads: int | None = None) -> bool:
+    """Whether CPU weights of `dtype` that `will_pack` should be packed for decode steps of `rows` rows on `threads`
+    threads (default: torch's now): fp32 from FP32_PACK_ROWS_MIN rows or on more than one thread; bf16 always."""
+    threads = torch.get_num_threads() if threads is None else threads
+    return dtype != torch.float32 or rows >= FP32_PACK_ROWS_MIN or threads > 1
 
 
 def compute_dtype(dtype: torch.dtype, device: torch.device, rows: int) -> torch.dtype:
