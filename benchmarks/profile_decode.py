@@ -63,6 +63,7 @@ def main() -> None:
     ap.add_argument("--threads", default="1,2")
     ap.add_argument("--context", type=int, default=128, help="cached positions when the step runs")
     ap.add_argument("--steps", type=int, default=50)
+    ap.add_argument("--unpacked", action="store_true", help="fp32 weights unpacked (what one thread decodes with)")
     args = ap.parse_args()
 
     print(f"torch {torch.__version__}, CPU capability {torch.backends.cpu.get_cpu_capability()}, "
@@ -72,7 +73,7 @@ def main() -> None:
     for name in args.formats.split(","):
         dtype, quantize = FORMATS[name]
         with torch.inference_mode():
-            model = load_model(args.model, dtype=dtype, quantize=quantize, decode_rows=1)  # as generate
+            model = load_model(args.model, dtype=dtype, quantize=quantize, pack=not args.unpacked)
         nbytes = model.weight_bytes_per_step()
         for threads in (int(t) for t in args.threads.split(",")):
             torch.set_num_threads(threads)
