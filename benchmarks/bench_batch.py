@@ -40,17 +40,21 @@ def make_prompts(n: int) -> list[list[dict]]:
     return prompts
 
 
+def checkpoint_folder(model: str | None) -> Path:
+    """The checkpoint folder a benchmark's --model names; None = the SmolLM2 test checkpoint (converted once)."""
+    if model:
+        return Path(model)
+    from tests.smollm2 import smollm2_checkpoint
+
+    return smollm2_checkpoint()
+
+
 def load_workload(model: str | None, n_prompts: int, max_new_tokens: int):
     """(checkpoint folder, fp32 CPU engine, [(key, prompt ids, request)]) for `n_prompts` of make_prompts;
     model None = the SmolLM2 test checkpoint."""
     from llamacli.generation import Engine, Request
 
-    if model:
-        folder = Path(model)
-    else:
-        from tests.smollm2 import smollm2_checkpoint
-
-        folder = smollm2_checkpoint()
+    folder = checkpoint_folder(model)
     engine = Engine.load(folder, dtype="float32", device="cpu")
     request = Request(max_new_tokens=max_new_tokens)
     return folder, engine, [(i, engine.chat_ids(m), request) for i, m in enumerate(make_prompts(n_prompts))]

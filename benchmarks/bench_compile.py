@@ -29,6 +29,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.bench_batch import checkpoint_folder  # noqa: E402
 from llamacli.bench import median_ms  # noqa: E402
 from llamacli.kv_cache import KVCache  # noqa: E402
 from llamacli.rope import RopeCache  # noqa: E402
@@ -96,12 +97,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=50)
     ap.add_argument("--cpp-wrapper", action="store_true")
     args = ap.parse_args()
-    if args.model:
-        folder = Path(args.model)
-    else:
-        from tests.smollm2 import smollm2_checkpoint
-
-        folder = smollm2_checkpoint()
+    folder = checkpoint_folder(args.model)
     import torch._inductor.config as inductor
 
     inductor.freezing = True

@@ -18,6 +18,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.bench_batch import checkpoint_folder  # noqa: E402
 from llamacli.bench import median_ms  # noqa: E402
 from llamacli.kv_cache import KVCache  # noqa: E402
 from llamacli.weights import load_model  # noqa: E402
@@ -31,12 +32,7 @@ def main() -> None:
     ap.add_argument("--prefill", type=int, default=128)
     ap.add_argument("--steps", type=int, default=30)
     args = ap.parse_args()
-    if args.model:
-        folder = Path(args.model)
-    else:
-        from tests.smollm2 import smollm2_checkpoint
-
-        folder = smollm2_checkpoint()
+    folder = checkpoint_folder(args.model)
     models = {name: load_model(folder, dtype="float32", device="cpu", pack=pack)
               for name, pack in (("packed", True), ("unpacked", False))}
     print(f"{folder.name} fp32, CPU {torch.backends.cpu.get_cpu_capability()}; ms, best of 3 alternating medians")
