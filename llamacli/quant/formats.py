@@ -32,7 +32,13 @@ KERNEL_DTYPE = torch.bfloat16
 # 16 rows int8 1.3 ms vs 1.0 ms BLAS + 1 ms to dequantize; 32 rows 6.5 ms vs 1.4 + 1 ms).
 KERNEL_ROWS_MAX = 16
 INT4_N_MULTIPLE = 16  # _convert_weight_to_int4pack_for_cpu: "expect N to be dividable by 16"
-INT4_PACK_BLOCK = 64  # rows per block of the CPU int4 packing (AVX512 layout)
+INT4_PACK_BLOCK = 64  # rows per block of the CPU int4 packing on AVX512 (AVX2 packs blocks of 32)
+
+
+def int4_pack_block() -> int:
+    """Rows per block of `_convert_weight_to_int4pack_for_cpu`'s layout on this CPU: 64 with AVX512, 32 with AVX2
+    (read back exactly on an AVX2 EPYC; callers check every matrix against its raw values anyway)."""
+    return INT4_PACK_BLOCK if torch.backends.cpu.get_cpu_capability().startswith("AVX512") else INT4_PACK_BLOCK // 2
 
 
 @functools.cache
@@ -67,11 +73,12 @@ def int4_kernel_ok() -> bool:
 
 
 def unpack_cpu_int4(packed: torch.Tensor, N: int, K: int) -> torch.Tensor:
-    """(N, K) uint8 values in [0, 15] from `_convert_weight_to_int4pack_for_cpu`'s AVX512 layout: blocks of 64
-    rows, each stored k by k as 32 bytes holding rows j (low nibble) and j + 32 (high); a last, shorter block of
-    n rows stores rows 2j (low) and 2j + 1 (high). Callers check the result against the raw values once."""
+    """(N, K) uint8 values in [0, 15] from `_convert_weight_to_int4pack_for_cpu`'s layout: blocks of B rows (64 on
+    AVX512, 32 on AVX2: `int4_pack_block`), each stored k by k as B / 2 bytes holding rows j (low nibble) and
+    j + B / 2 (high); a last, shorter block of n rows stores rows 2j (low) and 2j + 1 (high). Callers check the
+    result against the raw values once."""
     flat = packed.reshape(-1)
-    B = INT4_PACK_BLOCK
+    B = int4_pack_block()
     full = N // B * B
     blocks = flat[:full * K // 2].view(N // B, K, B // 2)
     rows = [torch.cat((blocks & 0xF, blocks >> 4), -1).transpose(1, 2).reshape(full, K)]
