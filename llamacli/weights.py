@@ -84,8 +84,7 @@ def load_model(folder: str | Path, dtype: str = "auto", device: str = "auto", co
     prepack CPU weights for oneDNN (fp32, and bf16 where the CPU has native bf16): about twice as fast.
     `decode_rows`, the rows a decode step will multiply (1 for one stream, the batch size for a batch), picks the
     layout that is fastest for them (`model.cpu.pack_for_rows`: fp32 one-row steps on one thread are faster
-    unpacked); None
-    packs wherever `pack` allows (prefill-heavy work, perplexity).
+    unpacked); None packs wherever `pack` allows (prefill-heavy work, perplexity).
     `quantize` ('int8' | 'int4', with `group_size` for int4, default 32) quantizes the matrices layer by layer
     as they are read; a quantized checkpoint loads in its own quantization with no flag. `dtype` is then the
     activations' (and norms') dtype. `shard` (a `parallel.ShardPlan`): read and run only this rank's slices

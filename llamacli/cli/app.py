@@ -280,8 +280,8 @@ def load_engine(model: str, revision: Optional[str], dtype: Dtype, device: Devic
                 chat_template=None, quantize: Optional[Quantize] = None, group_size: Optional[int] = None,
                 tensor_parallel: bool = False, decode_rows: Optional[int] = None):
     """Resolve --model and load the engine (quantized with --quantize; with `tensor_parallel` this rank loads
-    only its shard, the shape checked before any tensor is read; `decode_rows`: the rows its decode steps will
-    multiply, which picks the weights' layout, see `weights.load_model`); returns (engine, folder, seconds)."""
+    only its shard, the shape checked before any tensor is read; `decode_rows`: see `weights.load_model`);
+    returns (engine, folder, seconds spent)."""
     import time
 
     from llamacli.generation import Engine
