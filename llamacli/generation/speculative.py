@@ -118,12 +118,15 @@ class DraftModel:
             return [], None
         if self.cache is None:
             self.cache = self.engine.new_cache(self.n_positions)
-        common = 0
-        for a, b in zip(self.cached, ids):
-            if a != b:
-                break
-            common += 1
-        common = len(ids) - 1 if self.share_cache else min(common, len(ids) - 1)  # at least one id runs, for logits
+        if self.share_cache:
+            common = len(ids) - 1  # the model's cache holds every id but the last
+        else:
+            common = 0
+            for a, b in zip(self.cached, ids):
+                if a != b:
+                    break
+                common += 1
+            common = min(common, len(ids) - 1)  # at least one id runs, for logits
         model, device = self.engine.model, self.engine.device
         logits = model(torch.tensor([ids[common:]], device=device), self.offset + common, self.cache,
                        last_only=True)[0, -1]
