@@ -10,9 +10,12 @@ measured per-forward costs: a 1-token step against a (k+1)-token verify forward 
 what any draft can win.
 
     python benchmarks/bench_speculative.py [--threads 2] [--new 128] [--layers 6] [--ks 2,4,8] [--adaptive-ks 4]
-        [--kinds lookup,layers,int4]  (a smoke run: --new 16 --ks 2 --kinds int4)
+        [--kinds lookup,layers,int4] [--repeat 3]  (a smoke run: --new 16 --ks 2 --kinds int4)
 
 `--ks` are the fixed-K runs, `--adaptive-ks` the adaptive ones (K their upper bound; default: --draft-tokens').
+With `--repeat N` every repetition runs plain decoding and then each draft run, each ratio is taken against its
+own repetition's plain run, and a cell shows the median with the range (a 2-core machine varies by 10% or more
+from one run to the next).
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+import statistics
 import sys
 import tempfile
 import time
@@ -78,6 +82,12 @@ def truncated_checkpoint(folder: Path, out_root: Path, n_layers: int) -> Path:
     return out
 
 
+def _spread(values: list[float], fmt: str) -> str:
+    """The median of values, with their range when there are several: '1.31 (1.25-1.36)'."""
+    text = format(statistics.median(values), fmt)
+    return text if len(values) == 1 else f"{text} ({format(min(values), fmt)}-{format(max(values), fmt)})"
+
+
 def run(engine, ids, n_new, stream) -> dict:
     """One generation: decode tok/s and the draft counts."""
     fin = None
@@ -91,20 +101,23 @@ def run(engine, ids, n_new, stream) -> dict:
     return out
 
 
-def forward_costs(engine, position: int, ks=(1, 2, 4, 8), repeats: int = 20) -> dict:
-    """Median ms of a 1-token step and of (k+1)-token forwards at `position`."""
-    cache = engine.new_cache(position + 16)
-    engine.model(torch.randint(0, 1000, (1, position)), 0, cache)
-    out = {}
-    for T in [1] + [k + 1 for k in ks]:
-        tokens = torch.randint(0, 1000, (1, T))
-        times = []
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            engine.model(tokens, position, cache)
-            times.append(time.perf_counter() - t0)
-        out[T] = sorted(times)[len(times) // 2] * 1000
-    return out
+def forward_costs(engines: dict, position: int, ks=(1, 2, 4, 8), repeats: int = 20) -> dict:
+    """Median ms of a 1-token step and of (k+1)-token forwards at `position`, per engine; engines and sizes
+    interleave in every repeat, so a busy spell slows them all alike."""
+    caches = {}
+    for name, engine in engines.items():
+        caches[name] = engine.new_cache(position + 16)
+        engine.model(torch.randint(0, 1000, (1, position)), 0, caches[name])
+    sizes = [1] + [k + 1 for k in ks]
+    times = {(name, T): [] for name in engines for T in sizes}
+    for _ in range(repeats):
+        for name, engine in engines.items():
+            for T in sizes:
+                tokens = torch.randint(0, 1000, (1, T))
+                t0 = time.perf_counter()
+                engine.model(tokens, position, caches[name])
+                times[name, T].append(time.perf_counter() - t0)
+    return {name: {T: statistics.median(times[name, T]) * 1000 for T in sizes} for name in engines}
 
 
 @torch.inference_mode()
@@ -116,6 +129,8 @@ def main() -> None:
     ap.add_argument("--ks", default="2,4,8", help="K of the fixed-K runs")
     ap.add_argument("--adaptive-ks", default=str(DEFAULT_DRAFT_TOKENS), help="K (the upper bound) of the adaptive runs")
     ap.add_argument("--kinds", default="lookup,layers,int4", help="draft kinds: lookup, layers, int4")
+    ap.add_argument("--repeat", type=int, default=1,
+                    help="repetitions, each a plain run then every draft run; cells give the median (min-max)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     from llamacli.weights import load_model
@@ -148,19 +163,27 @@ def main() -> None:
     for wname, text in (("grounded", GROUNDED), ("open-ended", OPEN)):
         ids = engine.chat_ids([{"role": "user", "content": text}])
         run(plain_engine, ids, 8, plain_engine.stream)  # warm-up
-        plain = run(plain_engine, ids, args.new, plain_engine.stream)
-        print(f"| {wname} ({len(ids)} prompt tokens) | plain | - | - | {plain['tok_s']:.1f} | 1.00 | - | - | - | - |")
-        for kname, make in kinds:
-            for k, adaptive in runs:
-                r = run(engine, ids, args.new, Speculator(engine, make(), k, adaptive=adaptive).stream)
-                print(f"| {wname} | {kname} | {k} | {'yes' if adaptive else 'no'} | {r['tok_s']:.1f} | "
-                      f"{r['tok_s'] / plain['tok_s']:.2f} | {r.get('rate', 0):.0%} | "
-                      f"{r.get('mean_drafted', 0):.2f} | {r.get('mean_accepted', 0):.2f} | "
-                      f"{r['tokens'] == plain['tokens']} |", flush=True)
-    for name, e in [("SmolLM2-135M, plain layout", plain_engine), ("SmolLM2-135M, verify layout", engine)] + list(
-            engines.items()):
-        costs = forward_costs(e, 500)
-        print(f"{name}: forward ms at position 500: " + ", ".join(f"T={t}: {ms:.1f}" for t, ms in costs.items()))
+        plains, results = [], {(kname, k, adaptive): [] for kname, _ in kinds for k, adaptive in runs}
+        for _ in range(args.repeat):  # plain first in every repetition; each ratio is within its repetition
+            plain = run(plain_engine, ids, args.new, plain_engine.stream)
+            plains.append(plain)
+            for kname, make in kinds:
+                for k, adaptive in runs:
+                    r = run(engine, ids, args.new, Speculator(engine, make(), k, adaptive=adaptive).stream)
+                    results[kname, k, adaptive].append(dict(r, ratio=r["tok_s"] / plain["tok_s"],
+                                                            same=r["tokens"] == plain["tokens"]))
+        tok_s = [p["tok_s"] for p in plains]
+        print(f"| {wname} ({len(ids)} prompt tokens) | plain | - | - | {_spread(tok_s, '.1f')} | 1.00 | - | - | - | - |")
+        for (kname, k, adaptive), rs in results.items():
+            print(f"| {wname} | {kname} | {k} | {'yes' if adaptive else 'no'} | {_spread([r['tok_s'] for r in rs], '.1f')} "
+                  f"| {_spread([r['ratio'] for r in rs], '.2f')} | {_spread([r.get('rate', 0) for r in rs], '.0%')} | "
+                  f"{statistics.median(r.get('mean_drafted', 0) for r in rs):.2f} | "
+                  f"{statistics.median(r.get('mean_accepted', 0) for r in rs):.2f} | {all(r['same'] for r in rs)} |",
+                  flush=True)
+    costs = forward_costs({"SmolLM2-135M, plain layout": plain_engine, "SmolLM2-135M, verify layout": engine,
+                           **engines}, 500)
+    for name, by_size in costs.items():
+        print(f"{name}: forward ms at position 500: " + ", ".join(f"T={t}: {ms:.1f}" for t, ms in by_size.items()))
     shutil.rmtree(tmp, ignore_errors=True)
 
 

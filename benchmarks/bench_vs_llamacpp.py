@@ -39,6 +39,10 @@ PAIRS = {
     "int4-q4_1": (dict(dtype="bfloat16", quantize="int4"), "q4_1"),
     "int4-q4_k_m": (dict(dtype="bfloat16", quantize="int4"), "q4_k_m"),
     "gguf-q4_1": (dict(dtype="bfloat16", gguf=True), "q4_1"),
+    # What `generate --quantize int4` / `--model x.Q4_1.gguf` run by default on a CPU (dtype auto = float32):
+    # fp32 activations; on a CPU without native bf16 (AVX2) the bf16 rest above is slower.
+    "int4-f32-q4_1": (dict(dtype="float32", quantize="int4"), "q4_1"),
+    "gguf-f32-q4_1": (dict(dtype="float32", gguf=True), "q4_1"),
 }
 
 

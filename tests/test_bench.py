@@ -289,20 +289,38 @@ def test_generate_loads_the_layout_for_the_rows_it_decodes(tiny_chat_dir, tmp_pa
 
 
 def test_many_upcast_rows_are_packed_on_the_spot_with_the_same_result(monkeypatch):
-    """From HALF_PACK_ROWS_MIN rows, half weights times fp32 inputs are upcast and oneDNN-packed per call,
-    with the same product; fewer rows upcast without packing."""
+    """Where the policy packs upcast half weights (AVX512), from HALF_PACK_ROWS_MIN rows they are upcast and
+    oneDNN-packed per call, with the same product; fewer rows, or a CPU where packing does not pay (AVX2:
+    `half_pack_rows_min()` None), upcast without packing."""
+    import llamacli.model.linear as linear
+
     torch.manual_seed(0)
     weight, bias = torch.randn(40, 96).half(), torch.randn(40).half()  # (out, in) fp16, as stored on a CPU
     f = build_linear([weight], [bias])
     assert type(f).__name__ == "Dense" and f.dtype == torch.float16
     x = torch.randn(HALF_PACK_ROWS_MIN, 96)
     want = torch.addmm(bias.float(), x, weight.float().t())
-    torch.testing.assert_close(f.mm(x), want, atol=1e-5, rtol=1e-5)
+    onednn = onednn_available(torch.float32)  # probed (it packs a test weight) before the count starts
     calls = []
     reorder = torch.ops.mkldnn._reorder_linear_weight
     monkeypatch.setattr(torch.ops.mkldnn, "_reorder_linear_weight", lambda *a: calls.append(a[1]) or reorder(*a),
                         raising=False)
-    f.mm(x)
+    monkeypatch.setattr(linear, "half_pack_rows_min", lambda: None)  # an AVX2 CPU: never packed
+    torch.testing.assert_close(f.mm(x), want, atol=1e-5, rtol=1e-5)
+    assert calls == []
+    monkeypatch.setattr(linear, "half_pack_rows_min", lambda: HALF_PACK_ROWS_MIN)  # an AVX512 CPU
+    torch.testing.assert_close(f.mm(x), want, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(f.mm(x[:8]), want[:8], atol=1e-5, rtol=1e-5)  # few rows: a plain upcast product
     # Without oneDNN (some non-x86 builds) nothing is packed; the product above is then the plain one.
-    assert calls == ([HALF_PACK_ROWS_MIN] if onednn_available(torch.float32) else [])
+    assert calls == ([HALF_PACK_ROWS_MIN] if onednn else [])
+
+
+def test_upcast_half_weights_are_packed_on_the_spot_on_avx512_cpus_only(monkeypatch):
+    """The measured policy: AVX512 kernels gain from packing upcast weights for many rows, AVX2 ones lose."""
+    from llamacli.model import cpu
+
+    for capability, want in (("AVX512", HALF_PACK_ROWS_MIN), ("AVX2", None), ("DEFAULT", None)):
+        cpu.half_pack_rows_min.cache_clear()
+        monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda c=capability: c)
+        assert cpu.half_pack_rows_min() == want, capability
+    cpu.half_pack_rows_min.cache_clear()

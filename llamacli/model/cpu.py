@@ -28,11 +28,21 @@ PACK_ROWS_HINT = 8
 # decodes one stream (generate, chat, a draft model) on one thread is laid out unpacked.
 FP32_PACK_ROWS_MIN = 2
 
-# Half weights upcast for many rows (prefill) are also worth packing for oneDNN on the spot: the pack costs
-# about one more pass over the weight, the packed product saves more from here on. All SmolLM2 weights, fp16
-# on an AVX512 EPYC without native fp16, 2 threads: 64 rows 170 ms upcast vs 184 ms upcast+pack, 96 rows
-# 204 vs 184, 128 rows 249-347 vs 218-230, 512 rows 941 vs 520.
+# Half weights upcast for many rows (prefill) are also worth packing for oneDNN on the spot where oneDNN runs its
+# AVX512 kernels: the pack costs about one more pass over the weight, the packed product saves more from here on.
+# All SmolLM2 weights, fp16 on an AVX512 EPYC without native fp16, 2 threads: 64 rows 170 ms upcast vs 184 ms
+# upcast+pack, 96 rows 204 vs 184, 128 rows 249-347 vs 218-230, 512 rows 941 vs 520. On an AVX2-only EPYC the
+# pack never pays (`python benchmarks/bench_layout.py --upcast --threads 2`: SmolLM2 prefills, upcast vs
+# upcast+pack): bf16 128 tokens 377 vs 516 ms, 512 tokens 1036 vs 1240; fp16 252 vs 340, 930 vs 1085; 16-64
+# tokens 1.5-3x slower packed.
 HALF_PACK_ROWS_MIN = 96
+
+
+@functools.cache
+def half_pack_rows_min() -> int | None:
+    """From how many rows half weights upcast for fp32 inputs are also oneDNN-packed on the spot (None: never):
+    HALF_PACK_ROWS_MIN where torch's CPU kernels are AVX512 ones, never on AVX2 and others."""
+    return HALF_PACK_ROWS_MIN if torch.backends.cpu.get_cpu_capability().startswith("AVX512") else None
 
 
 @functools.cache

@@ -22,7 +22,7 @@ from abc import ABC, abstractmethod
 import torch
 
 from llamacli import parallel
-from llamacli.model.cpu import HALF_PACK_ROWS_MIN, PACK_ROWS_HINT, onednn_available, will_pack
+from llamacli.model.cpu import PACK_ROWS_HINT, half_pack_rows_min, onednn_available, will_pack
 
 
 class LinearFormat(ABC):
@@ -62,11 +62,13 @@ class Dense(LinearFormat):
         return self.w_t.t()
 
     def mm(self, x: torch.Tensor) -> torch.Tensor:
-        """x (N, in) @ W.T + bias; fp32 x with half weights upcasts them (oneDNN-packed on the spot for many rows)."""
+        """x (N, in) @ W.T + bias; fp32 x with half weights upcasts them (oneDNN-packed on the spot for many rows on
+        AVX512 CPUs: `model.cpu.half_pack_rows_min`)."""
         w_t, bias = self.w_t, self.bias
         if w_t.dtype != x.dtype:
             bias = bias.to(x.dtype) if bias is not None else None
-            if x.shape[0] >= HALF_PACK_ROWS_MIN and x.dtype == torch.float32 and x.device.type == "cpu" \
+            pack_from = half_pack_rows_min() if x.device.type == "cpu" else None
+            if pack_from is not None and x.shape[0] >= pack_from and x.dtype == torch.float32 \
                     and onednn_available(torch.float32):
                 packed = torch.ops.mkldnn._reorder_linear_weight(w_t.t().to(x.dtype).contiguous(), x.shape[0])
                 return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
