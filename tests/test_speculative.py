@@ -655,3 +655,26 @@ def test_smollm2_greedy_equals_plain(smollm2_dir, tmp_path, kind):
                                                                                                tmp_path, 8)))
     _, fin = events_of(Speculator(engine, draft, 4, adaptive=False).stream(ids, req))
     assert fin.token_ids == expected.token_ids and fin.reason == expected.reason
+
+
+def test_the_draft_length_default_is_the_measured_one_for_each_draft_kind(tiny_chat_dir, monkeypatch):
+    """--draft-tokens unset: prompt lookup drafts up to 8 (free drafts), a draft model up to 4; given, it wins.
+    The Speculator gets that number and the model is laid out for its k + 1 rows."""
+    from llamacli.cli.speculative import DraftOptions
+    from llamacli.generation import speculative
+    from llamacli.request import DEFAULT_DRAFT_TOKENS, DEFAULT_LOOKUP_DRAFT_TOKENS
+
+    assert (DEFAULT_LOOKUP_DRAFT_TOKENS, DEFAULT_DRAFT_TOKENS) == (8, 4)
+    cases = [(DraftOptions(prompt_lookup=2), 8), (DraftOptions(draft_model="M"), 4),
+             (DraftOptions(prompt_lookup=2, draft_tokens=3), 3), (DraftOptions(draft_model="M", draft_tokens=6), 6)]
+    for options, k in cases:
+        assert options.tokens == k and options.decode_rows == k + 1
+    assert DraftOptions().decode_rows == 1
+    seen = []
+    original = speculative.Speculator.__init__
+    monkeypatch.setattr(speculative.Speculator, "__init__",
+                        lambda self, engine, draft, k, *a, **kw: seen.append(k) or original(self, engine, draft, k, *a, **kw))
+    for extra in (["--prompt-lookup", "2"], ["--draft-quantize", "int4"]):
+        result = run_cli("generate", "-m", str(tiny_chat_dir), "--raw", "-p", "the cat", "-n", "3", *extra)
+        assert result.exit_code == 0, result.output
+    assert seen == [8, 4]

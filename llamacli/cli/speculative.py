@@ -11,7 +11,7 @@ import typer
 
 from llamacli.cli.app import Device, Dtype, Quantize, load_engine, shard_plan
 from llamacli.errors import UsageError
-from llamacli.request import DEFAULT_DRAFT_TOKENS
+from llamacli.request import DEFAULT_DRAFT_TOKENS, DEFAULT_LOOKUP_DRAFT_TOKENS
 
 _SPEC = "Speculative decoding"
 DraftModelOpt = Annotated[Optional[str], typer.Option(
@@ -32,7 +32,8 @@ PromptLookupOpt = Annotated[Optional[int], typer.Option(
                                    "(no second model): fast when the reply copies its input (summaries, rewrites, "
                                    "extraction).", show_default=False, rich_help_panel=_SPEC)]
 DraftTokensOpt = Annotated[Optional[int], typer.Option(
-    "--draft-tokens", min=1, help=f"Most tokens drafted per round (default {DEFAULT_DRAFT_TOKENS}); each round "
+    "--draft-tokens", min=1, help=f"Most tokens drafted per round (default {DEFAULT_LOOKUP_DRAFT_TOKENS} with "
+                                  f"--prompt-lookup, {DEFAULT_DRAFT_TOKENS} with a draft model); each round "
                                   "drafts as many as measured acceptance and costs make fastest, none for a while "
                                   "when no number beats plain decoding.",
     show_default=False, rich_help_panel=_SPEC)]
@@ -56,9 +57,16 @@ class DraftOptions:
         return [flag for flag, value in given if value is not None]
 
     @property
+    def tokens(self) -> int:
+        """The most tokens a round drafts: --draft-tokens, else the measured default for the draft kind."""
+        if self.draft_tokens is not None:
+            return self.draft_tokens
+        return DEFAULT_LOOKUP_DRAFT_TOKENS if self.prompt_lookup is not None else DEFAULT_DRAFT_TOKENS
+
+    @property
     def decode_rows(self) -> int:
         """The rows the model's decode steps multiply: one token plain, a drafted round's k + 1 when verifying."""
-        return 1 + (self.draft_tokens or DEFAULT_DRAFT_TOKENS) if self.drafts else 1
+        return 1 + self.tokens if self.drafts else 1
 
     def check(self) -> None:
         """Validate the options before any model is loaded (UsageError, exit 2)."""
@@ -97,7 +105,7 @@ class DraftOptions:
             draft_engine, _, _ = load_engine(self.draft_model, revision, dtype, device, decode_rows=1)
             check_same_vocabulary(engine, draft_engine, f"--draft-model {self.draft_model}")
             draft = DraftModel(draft_engine)
-        return Speculator(engine, draft, self.draft_tokens or DEFAULT_DRAFT_TOKENS).stream
+        return Speculator(engine, draft, self.tokens).stream
 
 
 def self_draft(engine, folder: Path, quantize: str, group_size: Optional[int], dtype: Dtype, device: Device,
