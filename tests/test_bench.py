@@ -16,7 +16,7 @@ from llamacli.kv_cache import KVCache
 from llamacli.model import Llama, Runtime
 from llamacli.model.cpu import HALF_PACK_ROWS_MIN, HALF_ROWS_MAX, compute_dtype, cpu_has_native_bf16, onednn_available
 from llamacli.model.linear import build_linear
-from llamacli.request import DEFAULT_LOOKUP_DRAFT_TOKENS
+from llamacli.request import DEFAULT_DRAFT_TOKENS
 from llamacli.weights import load_model
 
 PROMPT = [1, 17, 43, 99, 5, 64, 23, 77, 12, 8, 101, 33]
@@ -264,7 +264,7 @@ def test_decode_rows_pick_the_layout_one_fp32_row_on_one_thread_unpacked_else_pa
         torch.testing.assert_close(one(ids), batch(ids), atol=1e-4, rtol=0)
 
 
-@pytest.mark.parametrize("args, rows", [([], 1), (["--prompt-lookup", "2"], 1 + DEFAULT_LOOKUP_DRAFT_TOKENS),
+@pytest.mark.parametrize("args, rows", [([], 1), (["--prompt-lookup", "2"], 1 + DEFAULT_DRAFT_TOKENS),
                                         (["--prompt-lookup", "2", "--draft-tokens", "2"], 3),
                                         (["--prompts-file", "P", "--batch-size", "3"], 3)])
 def test_generate_loads_the_layout_for_the_rows_it_decodes(tiny_chat_dir, tmp_path, monkeypatch, args, rows):

@@ -657,15 +657,15 @@ def test_smollm2_greedy_equals_plain(smollm2_dir, tmp_path, kind):
     assert fin.token_ids == expected.token_ids and fin.reason == expected.reason
 
 
-def test_the_draft_length_default_is_the_measured_one_for_each_draft_kind(tiny_chat_dir, monkeypatch):
-    """--draft-tokens unset: prompt lookup drafts up to 8 (free drafts), a draft model up to 4; given, it wins.
-    The Speculator gets that number and the model is laid out for its k + 1 rows."""
+def test_the_draft_length_default_reaches_the_speculator_and_the_layout(tiny_chat_dir, monkeypatch):
+    """--draft-tokens unset: every draft kind drafts up to the measured default (8); given, it wins. The
+    Speculator gets that number and the model is laid out for its k + 1 rows."""
     from llamacli.cli.speculative import DraftOptions
     from llamacli.generation import speculative
-    from llamacli.request import DEFAULT_DRAFT_TOKENS, DEFAULT_LOOKUP_DRAFT_TOKENS
+    from llamacli.request import DEFAULT_DRAFT_TOKENS
 
-    assert (DEFAULT_LOOKUP_DRAFT_TOKENS, DEFAULT_DRAFT_TOKENS) == (8, 4)
-    cases = [(DraftOptions(prompt_lookup=2), 8), (DraftOptions(draft_model="M"), 4),
+    assert DEFAULT_DRAFT_TOKENS == 8
+    cases = [(DraftOptions(prompt_lookup=2), 8), (DraftOptions(draft_model="M"), 8),
              (DraftOptions(prompt_lookup=2, draft_tokens=3), 3), (DraftOptions(draft_model="M", draft_tokens=6), 6)]
     for options, k in cases:
         assert options.tokens == k and options.decode_rows == k + 1
@@ -674,7 +674,7 @@ def test_the_draft_length_default_is_the_measured_one_for_each_draft_kind(tiny_c
     original = speculative.Speculator.__init__
     monkeypatch.setattr(speculative.Speculator, "__init__",
                         lambda self, engine, draft, k, *a, **kw: seen.append(k) or original(self, engine, draft, k, *a, **kw))
-    for extra in (["--prompt-lookup", "2"], ["--draft-quantize", "int4"]):
+    for extra in (["--prompt-lookup", "2"], ["--draft-quantize", "int4"], ["--draft-quantize", "int4", "--draft-tokens", "3"]):
         result = run_cli("generate", "-m", str(tiny_chat_dir), "--raw", "-p", "the cat", "-n", "3", *extra)
         assert result.exit_code == 0, result.output
-    assert seen == [8, 4]
+    assert seen == [8, 8, 3]

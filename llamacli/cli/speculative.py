@@ -11,7 +11,7 @@ import typer
 
 from llamacli.cli.app import Device, Dtype, Quantize, load_engine, shard_plan
 from llamacli.errors import UsageError
-from llamacli.request import DEFAULT_DRAFT_TOKENS, DEFAULT_LOOKUP_DRAFT_TOKENS
+from llamacli.request import DEFAULT_DRAFT_TOKENS
 
 _SPEC = "Speculative decoding"
 DraftModelOpt = Annotated[Optional[str], typer.Option(
@@ -32,8 +32,7 @@ PromptLookupOpt = Annotated[Optional[int], typer.Option(
                                    "(no second model): fast when the reply copies its input (summaries, rewrites, "
                                    "extraction).", show_default=False, rich_help_panel=_SPEC)]
 DraftTokensOpt = Annotated[Optional[int], typer.Option(
-    "--draft-tokens", min=1, help=f"Most tokens drafted per round (default {DEFAULT_LOOKUP_DRAFT_TOKENS} with "
-                                  f"--prompt-lookup, {DEFAULT_DRAFT_TOKENS} with a draft model); each round "
+    "--draft-tokens", min=1, help=f"Most tokens drafted per round (default {DEFAULT_DRAFT_TOKENS}); each round "
                                   "drafts as many as measured acceptance and costs make fastest, none for a while "
                                   "when no number beats plain decoding.",
     show_default=False, rich_help_panel=_SPEC)]
@@ -58,10 +57,8 @@ class DraftOptions:
 
     @property
     def tokens(self) -> int:
-        """The most tokens a round drafts: --draft-tokens, else the measured default for the draft kind."""
-        if self.draft_tokens is not None:
-            return self.draft_tokens
-        return DEFAULT_LOOKUP_DRAFT_TOKENS if self.prompt_lookup is not None else DEFAULT_DRAFT_TOKENS
+        """The most tokens a round drafts: --draft-tokens, else the measured default."""
+        return DEFAULT_DRAFT_TOKENS if self.draft_tokens is None else self.draft_tokens
 
     @property
     def decode_rows(self) -> int:
